@@ -1,0 +1,388 @@
+"""Jitted decoding over the explicit KV cache: greedy and temperature sampling, language ID.
+
+The loop is a pure step over a :class:`LoopState` pytree driven by ``lax.while_loop``; the
+model call is passed in as ``step_fn``, so the loop can be tested with a stub that returns
+scripted logits. Logit filters are pure ``(logits, ...) -> logits`` functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from whisperjax_cli.model import KVCache, Whisper, init_cache
+from whisperjax_cli.timestamps import TimestampConfig, apply_timestamp_rules
+
+Array = jax.Array
+NEG_INF = -jnp.inf
+PROMPT_BUCKETS = (8, 64, 128, 232)  # left-padded prompt lengths (sot_prev + 223 + sot sequence fits)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """Static settings of one decode loop (hashable: part of the compile key)."""
+
+    sample_len: int  # tokens to sample at most
+    eot: int
+    no_speech: Optional[int]
+    timestamps: Optional[TimestampConfig]  # None: without timestamps
+
+
+@flax.struct.dataclass
+class LoopState:
+    tokens: Array  # int32 [batch, buffer]: prompt, then sampled tokens
+    cur: Array  # int32 scalar: the next slot to write
+    logits: Array  # float32 [batch, vocab]: logits for slot `cur`
+    cache: KVCache
+    sum_logprobs: Array  # float32 [batch]
+    done: Array  # bool [batch]: saw end-of-text
+    key: Array  # PRNG key (sampling only)
+
+
+@flax.struct.dataclass
+class DecodeOutput:
+    tokens: Array  # int32 [batch, sample_len]: sampled tokens, end-of-text then padding
+    sum_logprobs: Array  # float32 [batch]
+    no_speech_prob: Array  # float32 [batch]
+
+
+def suppress(logits: Array, mask: Array) -> Array:
+    """Masks the vocabulary entries where ``mask`` ``[vocab]`` is True."""
+    return jnp.where(mask[None, :], NEG_INF, logits)
+
+
+def suppress_at_begin(logits: Array, mask: Array, cur: Array, sample_begin: Array) -> Array:
+    """OpenAI's SuppressBlank: no blank and no end-of-text as the first sampled token."""
+    return jnp.where((cur == sample_begin) & mask[None, :], NEG_INF, logits)
+
+
+def filter_logits(logits, tokens, cur, sample_begin, suppress_mask, begin_mask, config: LoopConfig):
+    """All logit filters in OpenAI's order: blank, suppress tokens, timestamp rules."""
+    logits = suppress_at_begin(logits, begin_mask, cur, sample_begin)
+    logits = suppress(logits, suppress_mask)
+    if config.timestamps is not None:
+        logits = apply_timestamp_rules(logits, tokens, cur, sample_begin, config.timestamps)
+    return logits
+
+
+def decode_loop(
+    step_fn: Callable[[Array, KVCache, Array], tuple[Array, KVCache]],
+    state: LoopState,
+    sample_begin: Array,
+    suppress_mask: Array,
+    begin_mask: Array,
+    temperature: Array,
+    config: LoopConfig,
+) -> LoopState:
+    """Samples until every row has produced end-of-text or ``sample_len`` tokens.
+
+    Args:
+      step_fn: ``(tokens [batch, 1], cache, index) -> (logits [batch, vocab], cache)``.
+      state: the state after the prompt: ``cur == sample_begin``, ``logits`` for that slot.
+      temperature: float32 scalar; 0 means greedy (argmax).
+    """
+    end = sample_begin + config.sample_len
+
+    def cond(s: LoopState):
+        return (s.cur < end) & ~jnp.all(s.done)
+
+    def body(s: LoopState) -> LoopState:
+        logits = filter_logits(s.logits, s.tokens, s.cur, sample_begin, suppress_mask, begin_mask, config)
+        key, sub = jax.random.split(s.key)
+        sampled = jax.random.categorical(sub, logits / jnp.maximum(temperature, 1e-6), axis=-1)
+        token = jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
+        token_logprob = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+        sum_logprobs = s.sum_logprobs + jnp.where(s.done, 0.0, token_logprob)
+        token = jnp.where(s.done, config.eot, token)
+        tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.cur))
+        done = s.done | (token == config.eot)
+        # No model call once every row is finished or the buffer is full.
+        next_logits, cache = jax.lax.cond(
+            jnp.all(done) | (s.cur + 1 >= end),
+            lambda: (s.logits, s.cache),
+            lambda: step_fn(token[:, None], s.cache, s.cur),
+        )
+        return LoopState(tokens, s.cur + 1, next_logits, cache, sum_logprobs, done, key)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+def _model_step(module: Whisper, params, pad: Array):
+    def step(token, cache, index):
+        logits, cache = module.apply({"params": params}, token, cache, index, pad, method=Whisper.decode)
+        return logits[:, -1], cache
+
+    return step
+
+
+@functools.partial(jax.jit, static_argnames=("module", "config"))
+def decode_window(
+    module: Whisper,
+    params,
+    audio: Array,
+    prompt: Array,
+    pad: Array,
+    sot_index: Array,
+    suppress_mask: Array,
+    begin_mask: Array,
+    temperature: Array,
+    key: Array,
+    config: LoopConfig,
+) -> DecodeOutput:
+    """Decodes a batch of audio windows after their (left-padded) prompts.
+
+    Args:
+      module: the model (static).
+      audio: encoder output ``[batch, n_audio_ctx, state]``.
+      prompt: int32 ``[batch, prompt_len]``, left-padded; ends with the sot sequence.
+      pad: int32 ``[batch]`` left-padding per row.
+      sot_index: int32 scalar, the slot of start-of-transcript (for the no-speech probability).
+      suppress_mask, begin_mask: bool ``[vocab]``.
+      temperature: float32 scalar.
+      key: PRNG key.
+    """
+    batch, prompt_len = prompt.shape
+    cross = module.apply({"params": params}, audio, method=Whisper.cross_kv)
+    cache = init_cache(module.dims, cross, prompt_len + config.sample_len, module.dtype)
+    logits, cache = module.apply({"params": params}, prompt, cache, jnp.int32(0), pad, method=Whisper.decode)
+    if config.no_speech is None:
+        no_speech_prob = jnp.zeros((batch,), jnp.float32)
+    else:
+        sot_logits = jax.lax.dynamic_index_in_dim(logits, sot_index, axis=1, keepdims=False)
+        no_speech_prob = jax.nn.softmax(sot_logits, axis=-1)[:, config.no_speech]
+    state = LoopState(
+        tokens=jnp.concatenate([prompt, jnp.full((batch, config.sample_len), config.eot, jnp.int32)], axis=1),
+        cur=jnp.int32(prompt_len),
+        logits=logits[:, -1],
+        cache=cache,
+        sum_logprobs=jnp.zeros((batch,), jnp.float32),
+        done=jnp.zeros((batch,), bool),
+        key=key,
+    )
+    state = decode_loop(
+        _model_step(module, params, pad), state, jnp.int32(prompt_len), suppress_mask, begin_mask,
+        temperature, config,
+    )
+    return DecodeOutput(state.tokens[:, prompt_len:], state.sum_logprobs, no_speech_prob)
+
+
+@functools.partial(jax.jit, static_argnames=("module",))
+def encode(module: Whisper, params, mel: Array) -> Array:
+    """Encoder output ``[batch, n_audio_ctx, state]`` for mel ``[batch, frames, n_mels]``."""
+    return module.apply({"params": params}, mel, method=Whisper.encode)
+
+
+@functools.partial(jax.jit, static_argnames=("module",))
+def language_logits(module: Whisper, params, audio: Array, sot: Array) -> Array:
+    """Logits after ``<|startoftranscript|>`` alone, ``[batch, vocab]`` (language ID)."""
+    cross = module.apply({"params": params}, audio, method=Whisper.cross_kv)
+    cache = init_cache(module.dims, cross, 1, module.dtype)
+    tokens = jnp.broadcast_to(sot, (audio.shape[0], 1)).astype(jnp.int32)
+    logits, _ = module.apply({"params": params}, tokens, cache, jnp.int32(0), method=Whisper.decode)
+    return logits[:, 0]
+
+
+def language_probs(logits: np.ndarray, language_tokens: np.ndarray) -> np.ndarray:
+    """Softmax over the language tokens only, ``[batch, n_languages]`` (as OpenAI)."""
+    sub = np.asarray(logits, np.float64)[:, language_tokens]
+    sub = np.exp(sub - sub.max(axis=-1, keepdims=True))
+    return sub / sub.sum(axis=-1, keepdims=True)
+
+
+def bucket(n: int, buckets) -> int:
+    """The smallest bucket >= n (the largest if none is)."""
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+def left_pad(prompts: list[list[int]], length: int, fill: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads token lists to ``length``; returns ``(tokens [batch, length], pad [batch])``."""
+    out = np.full((len(prompts), length), fill, np.int32)
+    pad = np.zeros((len(prompts),), np.int32)
+    for i, p in enumerate(prompts):
+        out[i, length - len(p) :] = p
+        pad[i] = length - len(p)
+    return out, pad
+
+
+def vocab_mask(ids, vocab: int) -> np.ndarray:
+    mask = np.zeros((vocab,), bool)
+    mask[np.asarray(list(ids), np.int64)] = True
+    return mask
+
+
+# ---------------------------------------------------------------- host side: a batch of windows
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodingOptions:
+    """What to decode and how; OpenAI's ``DecodingOptions`` fields, plus the fallback list."""
+
+    task: str = "transcribe"
+    language: Optional[str] = None  # None: detect (multilingual models)
+    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    sample_len: int = 224
+    best_of: Optional[int] = 5  # used at temperature > 0
+    beam_size: Optional[int] = None  # used at temperature 0
+    patience: Optional[float] = None
+    length_penalty: Optional[float] = None
+    suppress_tokens: Optional[str | tuple[int, ...]] = "-1"
+    suppress_blank: bool = True
+    without_timestamps: bool = False
+    max_initial_timestamp: Optional[float] = 1.0
+    compression_ratio_threshold: Optional[float] = 2.4
+    logprob_threshold: Optional[float] = -1.0
+    no_speech_threshold: Optional[float] = 0.6
+
+
+@dataclasses.dataclass
+class DecodingResult:
+    tokens: list[int]  # sampled tokens before end-of-text
+    text: str
+    sum_logprob: float
+    avg_logprob: float
+    no_speech_prob: float
+    temperature: float
+    compression_ratio: float
+
+
+def compression_ratio(text: str) -> float:
+    """Bytes over zlib-compressed bytes: high for repetitive (looping) text."""
+    import zlib
+
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def suppressed_ids(tokenizer, suppress_tokens) -> tuple[int, ...]:
+    """OpenAI's expansion of ``"-1"``: non-speech symbols and the special tokens."""
+    if isinstance(suppress_tokens, str):
+        ids = [int(t) for t in suppress_tokens.split(",") if t.strip()]
+    else:
+        ids = list(suppress_tokens or ())
+    if -1 in ids:
+        ids = [t for t in ids if t >= 0] + list(tokenizer.non_speech_tokens)
+    ids += [tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev,
+            tokenizer.sot_lm, tokenizer.no_speech]
+    return tuple(sorted(set(ids)))
+
+
+def build_prompt(tokenizer, sot_sequence, previous: list[int], without_timestamps: bool, n_text_ctx: int):
+    """``[sot_prev, *previous[-223:]] + sot_sequence (+ notimestamps)``; the sot offset from the end."""
+    tokens = []
+    if previous:
+        tokens = [tokenizer.sot_prev, *previous[-(n_text_ctx // 2 - 1) :]]
+    tail = list(sot_sequence) + ([tokenizer.no_timestamps] if without_timestamps else [])
+    return tokens + tail, len(tail)
+
+
+class WindowDecoder:
+    """Decodes batches of 30 s mel windows with OpenAI's temperature fallback.
+
+    Holds the model and the static pieces derived once from the options (masks, loop config);
+    each call pads the batch to a bucket so a run compiles a handful of shapes.
+    """
+
+    def __init__(self, model, options: DecodingOptions):
+        tok = model.tokenizer
+        self.model, self.options, self.tokenizer = model, options, tok
+        vocab = model.dims.n_vocab
+        self.suppress_mask = jnp.asarray(vocab_mask(suppressed_ids(tok, options.suppress_tokens), vocab))
+        blank = tok.encode(" ") + [tok.eot] if options.suppress_blank else []
+        self.begin_mask = jnp.asarray(vocab_mask(blank, vocab))
+        ts = None
+        if not options.without_timestamps:
+            max_initial = None
+            if options.max_initial_timestamp is not None:
+                max_initial = round(options.max_initial_timestamp / 0.02)
+            ts = TimestampConfig(tok.timestamp_begin, tok.eot, tok.no_timestamps, max_initial)
+        self.config = LoopConfig(options.sample_len, tok.eot, tok.no_speech, ts)
+
+    def encode(self, mels: np.ndarray) -> Array:
+        """Encoder output for ``mels`` ``[batch, 3000, n_mels]``, batch padded to a bucket."""
+        n = mels.shape[0]
+        size = bucket(n, BATCH_BUCKETS) if n <= BATCH_BUCKETS[-1] else n
+        padded = np.zeros((size, *mels.shape[1:]), np.float32)
+        padded[:n] = mels
+        return encode(self.model.module, self.model.params, jnp.asarray(padded))
+
+    def decode(self, audio: Array, n: int, prompts: list[list[int]], tail: int, key: Array) -> list[DecodingResult]:
+        """Decodes rows ``[0, n)`` of encoder output ``audio``, with fallback per row."""
+        opts = self.options
+        results: list[Optional[DecodingResult]] = [None] * n
+        todo = list(range(n))
+        for i, temperature in enumerate(opts.temperatures):
+            if not todo:
+                break
+            key, sub = jax.random.split(key)
+            rows = self._decode_rows(audio, todo, [prompts[r] for r in todo], tail, temperature, sub)
+            last = i == len(opts.temperatures) - 1
+            retry = []
+            for r, res in zip(todo, rows):
+                results[r] = res
+                if not last and self._needs_fallback(res):
+                    retry.append(r)
+            todo = retry
+        return results  # type: ignore[return-value]
+
+    def _needs_fallback(self, r: DecodingResult) -> bool:
+        o = self.options
+        too_repetitive = o.compression_ratio_threshold is not None and r.compression_ratio > o.compression_ratio_threshold
+        too_unlikely = o.logprob_threshold is not None and r.avg_logprob < o.logprob_threshold
+        silence = (
+            o.no_speech_threshold is not None and r.no_speech_prob > o.no_speech_threshold
+            and o.logprob_threshold is not None and r.avg_logprob < o.logprob_threshold
+        )
+        return (too_repetitive or too_unlikely) and not silence
+
+    def _decode_rows(self, audio, rows, prompts, tail, temperature, key) -> list[DecodingResult]:
+        opts = self.options
+        repeat = 1
+        if temperature > 0 and opts.best_of:
+            repeat = opts.best_of
+        index = np.repeat(np.asarray(rows), repeat)
+        size = bucket(len(index), BATCH_BUCKETS) if len(index) <= BATCH_BUCKETS[-1] else len(index)
+        gather = np.concatenate([index, np.full(size - len(index), index[0])])
+        prompt_len = bucket(max(len(p) for p in prompts), PROMPT_BUCKETS)
+        padded, pad = left_pad([p for p in prompts for _ in range(repeat)] + [prompts[0]] * (size - len(index)),
+                               prompt_len, self.tokenizer.eot)
+        args = (self.model.module, self.model.params, audio[jnp.asarray(gather)], jnp.asarray(padded),
+                jnp.asarray(pad), jnp.int32(prompt_len - tail), self.suppress_mask, self.begin_mask)
+        if temperature == 0 and opts.beam_size:
+            from whisperjax_cli.beam import beam_search_window
+
+            out = beam_search_window(*args, self.config, opts.beam_size, opts.patience, opts.length_penalty)
+        else:
+            out = decode_window(*args, jnp.float32(temperature), key, self.config)
+        tokens, sums, no_speech = jax.device_get((out.tokens, out.sum_logprobs, out.no_speech_prob))
+        results = [self._result(tokens[j], sums[j], no_speech[j], temperature) for j in range(len(index))]
+        return [self._best(results[k * repeat : (k + 1) * repeat]) for k in range(len(rows))]
+
+    def _result(self, tokens: np.ndarray, sum_logprob: float, no_speech: float, temperature: float):
+        eot = np.flatnonzero(tokens == self.tokenizer.eot)
+        ids = tokens[: eot[0] if len(eot) else len(tokens)].tolist()
+        text = self.tokenizer.decode(ids)
+        return DecodingResult(ids, text, float(sum_logprob), float(sum_logprob) / (len(ids) + 1),
+                              float(no_speech), temperature, compression_ratio(text))
+
+    def _best(self, candidates: list[DecodingResult]) -> DecodingResult:
+        """OpenAI's MaximumLikelihoodRanker: sum logprob over a length penalty."""
+        lp = self.options.length_penalty
+
+        def score(r: DecodingResult) -> float:
+            n = len(r.tokens)
+            penalty = n if lp is None else ((5 + n) / 6) ** lp
+            return r.sum_logprob / max(penalty, 1e-9)
+
+        return max(candidates, key=score)

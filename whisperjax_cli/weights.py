@@ -1,0 +1,380 @@
+"""Strict weight loading from an explicit name table.
+
+Every format is first read into one canonical form, a flat ``{HF PyTorch name: array}`` dict
+(``model.encoder.layers.0.self_attn.q_proj.weight`` …, PyTorch layouts). The table below maps
+each of our Flax parameters to one canonical name and a layout change; loading asserts that
+every parameter is filled, every shape matches and every checkpoint tensor is used.
+
+Formats: CTranslate2 ``model.bin`` (fused QKV; float32/float16/bfloat16/int8), HF
+``model.safetensors`` (sharded too), HF ``flax_model.msgpack``. Pickles are never read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from whisperjax_cli.dims import ModelDimensions
+from whisperjax_cli.errors import ModelError
+
+# Layout changes from the canonical (PyTorch) tensor to ours (Flax):
+#   "linear": [out, in] -> [in, out];  "conv": [out, in, width] -> [width, in, out];  "copy".
+_TO_FLAX = {
+    "linear": lambda w: w.T,
+    "conv": lambda w: w.transpose(2, 1, 0),
+    "copy": lambda w: w,
+}
+_FROM_FLAX = {"linear": lambda w: w.T, "conv": lambda w: w.transpose(2, 1, 0), "copy": lambda w: w}
+
+
+def _attention_rows(ours: str, hf: str) -> Iterator[tuple[str, str, str]]:
+    for mine, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"), ("out", "out_proj")):
+        yield f"{ours}/{mine}/kernel", f"{hf}.{theirs}.weight", "linear"
+        if mine != "key":  # Whisper's key projection has no bias
+            yield f"{ours}/{mine}/bias", f"{hf}.{theirs}.bias", "copy"
+
+
+def _layer_norm_rows(ours: str, hf: str) -> Iterator[tuple[str, str, str]]:
+    yield f"{ours}/scale", f"{hf}.weight", "copy"
+    yield f"{ours}/bias", f"{hf}.bias", "copy"
+
+
+def _block_rows(ours: str, hf: str, cross: bool) -> Iterator[tuple[str, str, str]]:
+    yield from _attention_rows(f"{ours}/attn", f"{hf}.self_attn")
+    yield from _layer_norm_rows(f"{ours}/attn_ln", f"{hf}.self_attn_layer_norm")
+    if cross:
+        yield from _attention_rows(f"{ours}/cross_attn", f"{hf}.encoder_attn")
+        yield from _layer_norm_rows(f"{ours}/cross_attn_ln", f"{hf}.encoder_attn_layer_norm")
+    for mine, theirs in (("mlp1", "fc1"), ("mlp2", "fc2")):
+        yield f"{ours}/{mine}/kernel", f"{hf}.{theirs}.weight", "linear"
+        yield f"{ours}/{mine}/bias", f"{hf}.{theirs}.bias", "copy"
+    yield from _layer_norm_rows(f"{ours}/mlp_ln", f"{hf}.final_layer_norm")
+
+
+def encoder_table(dims: ModelDimensions, ours: str = "encoder", hf: str = "model.encoder"):
+    """(our path, canonical name, layout) rows for the audio encoder."""
+    rows = [
+        (f"{ours}/conv1/kernel", f"{hf}.conv1.weight", "conv"),
+        (f"{ours}/conv1/bias", f"{hf}.conv1.bias", "copy"),
+        (f"{ours}/conv2/kernel", f"{hf}.conv2.weight", "conv"),
+        (f"{ours}/conv2/bias", f"{hf}.conv2.bias", "copy"),
+        (f"{ours}/positional_embedding", f"{hf}.embed_positions.weight", "copy"),
+    ]
+    for i in range(dims.n_audio_layer):
+        rows += _block_rows(f"{ours}/blocks_{i}", f"{hf}.layers.{i}", cross=False)
+    rows += _layer_norm_rows(f"{ours}/ln_post", f"{hf}.layer_norm")
+    return rows
+
+
+def name_table(dims: ModelDimensions) -> list[tuple[str, str, str]]:
+    """Every parameter of :class:`~whisperjax_cli.model.Whisper` and where it comes from."""
+    rows = encoder_table(dims)
+    rows += [
+        ("decoder/token_embedding/embedding", "model.decoder.embed_tokens.weight", "copy"),
+        ("decoder/positional_embedding", "model.decoder.embed_positions.weight", "copy"),
+    ]
+    for i in range(dims.n_text_layer):
+        rows += _block_rows(f"decoder/blocks_{i}", f"model.decoder.layers.{i}", cross=True)
+    rows += _layer_norm_rows("decoder/ln", "model.decoder.layer_norm")
+    return rows
+
+
+def expected_shapes(dims: ModelDimensions) -> dict[str, tuple[int, ...]]:
+    """Canonical (PyTorch-layout) shape of every tensor in :func:`name_table`."""
+    import jax
+    import jax.numpy as jnp
+
+    from whisperjax_cli.model import Whisper
+
+    shapes = jax.eval_shape(
+        lambda: Whisper(dims).init(
+            jax.random.PRNGKey(0),
+            jnp.zeros((1, 2 * dims.n_audio_ctx, dims.n_mels)),
+            jnp.zeros((1, 1), jnp.int32),
+        )["params"]
+    )
+    flat = flatten(shapes)
+    out = {}
+    for ours, theirs, kind in name_table(dims):
+        shape = flat[ours].shape
+        out[theirs] = {"linear": shape[::-1], "conv": shape[::-1]}.get(kind, shape)
+    return out
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict) or hasattr(value, "items"):
+            out.update(flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def params_from_state(
+    state: dict[str, np.ndarray], dims: ModelDimensions, source: str, table=None, strict_unused=True
+) -> dict:
+    """Builds our parameter tree from a canonical state dict, checking every name and shape.
+
+    Raises:
+      ModelError: naming the first missing tensor, a wrong shape, or unused tensors.
+    """
+    table = name_table(dims) if table is None else table
+    state = dict(state)
+    # The output projection is tied to the token embedding; a separate copy must be equal.
+    proj = state.pop("proj_out.weight", None)
+    shapes = expected_shapes(dims)
+    flat = {}
+    for ours, theirs, kind in table:
+        if theirs not in state:
+            raise ModelError(source, f"missing tensor '{theirs}'")
+        value = np.asarray(state.pop(theirs))
+        if value.shape != tuple(shapes[theirs]):
+            raise ModelError(
+                source, f"tensor '{theirs}' has shape {value.shape}, expected {tuple(shapes[theirs])}"
+            )
+        flat[ours] = _TO_FLAX[kind](value)
+    if proj is not None and proj.shape != flat["decoder/token_embedding/embedding"].shape:
+        raise ModelError(source, "tensor 'proj_out.weight' does not match the token embedding")
+    if strict_unused and state:
+        raise ModelError(source, f"unexpected tensors: {', '.join(sorted(state)[:5])}")
+    return unflatten(flat)
+
+
+def state_from_params(params: dict, dims: ModelDimensions, table=None) -> dict[str, np.ndarray]:
+    """The inverse of :func:`params_from_state`: canonical (HF PyTorch) names and layouts."""
+    flat = flatten(params)
+    table = name_table(dims) if table is None else table
+    return {theirs: np.ascontiguousarray(_FROM_FLAX[kind](np.asarray(flat[ours]))) for ours, theirs, kind in table}
+
+
+# ---------------------------------------------------------------- CTranslate2 model.bin
+
+_CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
+
+
+def read_ct2(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Reads a CTranslate2 ``model.bin`` into ``({name: array}, {alias: name})``.
+
+    The format (ctranslate2/specs/model_spec.py ``_serialize``): uint32 version, name, uint32
+    revision, uint32 count, then per variable: name, uint8 rank, uint32 dims, uint8 dtype,
+    uint32 nbytes, data; then uint32 alias count and (alias, target) name pairs.
+    """
+    buf = memoryview(Path(path).read_bytes())
+    off = 0
+
+    def take(fmt: str):
+        nonlocal off
+        (value,) = struct.unpack_from(fmt, buf, off)
+        off += struct.calcsize(fmt)
+        return value
+
+    def string() -> str:
+        nonlocal off
+        n = take("H")
+        value = bytes(buf[off : off + n - 1]).decode("utf-8")
+        off += n
+        return value
+
+    try:
+        version = take("I")
+        if version > 6 or version < 5:
+            raise ModelError(path, f"unsupported CTranslate2 binary version {version}")
+        spec = string()
+        if "Whisper" not in spec:
+            raise ModelError(path, f"not a Whisper model (CTranslate2 spec '{spec}')")
+        take("I")  # spec revision
+        tensors = {}
+        for _ in range(take("I")):
+            name = string()
+            shape = tuple(take("I") for _ in range(take("B")))
+            dtype_id = take("B")
+            nbytes = take("I")
+            raw = np.frombuffer(buf[off : off + nbytes], dtype=np.uint8)
+            off += nbytes
+            tensors[name] = _ct2_array(raw, dtype_id, shape)
+        aliases = {}
+        for _ in range(take("I")):
+            alias = string()
+            aliases[alias] = string()
+    except (struct.error, UnicodeDecodeError, ValueError) as err:
+        raise ModelError(path, f"corrupt CTranslate2 model file ({err})") from None
+    return tensors, aliases
+
+
+def _ct2_array(raw: np.ndarray, dtype_id: int, shape) -> np.ndarray:
+    dtype = _CT2_DTYPES.get(dtype_id)
+    if dtype is None:
+        raise ValueError(f"unknown dtype id {dtype_id}")
+    if dtype == "bfloat16":  # numpy has no bfloat16: widen the 16 bits into float32's top half
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    return raw.view(dtype).reshape(shape)
+
+
+def _ct2_tensor(tensors: dict, name: str) -> np.ndarray:
+    """A float32 tensor; int8 weights are dequantized with their per-row ``weight_scale``."""
+    value = tensors[name]
+    if value.dtype == np.int8:
+        scale = tensors[name.replace("/weight", "/weight_scale")]
+        return value.astype(np.float32) / np.asarray(scale, np.float32).reshape(-1, *([1] * (value.ndim - 1)))
+    return value.astype(np.float32)
+
+
+def ct2_to_state(tensors: dict, aliases: dict, source) -> tuple[dict[str, np.ndarray], ModelDimensions]:
+    """Canonical state dict and dimensions from CTranslate2 variables (splitting fused QKV)."""
+    for alias, target in aliases.items():
+        tensors.setdefault(alias, tensors[target])
+    try:
+        dims = _ct2_dims(tensors)
+        state = {}
+        for side, n_layer in (("encoder", dims.n_audio_layer), ("decoder", dims.n_text_layer)):
+            hf = f"model.{side}"
+            state[f"{hf}.embed_positions.weight"] = _ct2_tensor(tensors, f"{side}/position_encodings/encodings")
+            state[f"{hf}.layer_norm.weight"] = _ct2_tensor(tensors, f"{side}/layer_norm/gamma")
+            state[f"{hf}.layer_norm.bias"] = _ct2_tensor(tensors, f"{side}/layer_norm/beta")
+            for i in range(n_layer):
+                state.update(_ct2_layer(tensors, f"{side}/layer_{i}", f"{hf}.layers.{i}", side == "decoder"))
+        for conv in ("conv1", "conv2"):
+            state[f"model.encoder.{conv}.weight"] = _ct2_tensor(tensors, f"encoder/{conv}/weight")
+            state[f"model.encoder.{conv}.bias"] = _ct2_tensor(tensors, f"encoder/{conv}/bias")
+        state["model.decoder.embed_tokens.weight"] = _ct2_tensor(tensors, "decoder/embeddings/weight")
+    except KeyError as err:
+        raise ModelError(source, f"missing tensor {err}") from None
+    return state, dims
+
+
+def _ct2_dims(tensors: dict) -> ModelDimensions:
+    def layers(side):
+        return len({m.group(1) for k in tensors if (m := re.match(rf"{side}/layer_(\d+)/", k))})
+
+    emb = tensors["decoder/embeddings/weight"]
+    audio_pos = tensors["encoder/position_encodings/encodings"]
+    return ModelDimensions(
+        n_mels=tensors["encoder/conv1/weight"].shape[1],
+        n_audio_ctx=audio_pos.shape[0],
+        n_audio_state=audio_pos.shape[1],
+        n_audio_head=int(tensors["encoder/num_heads"]),
+        n_audio_layer=layers("encoder"),
+        n_vocab=emb.shape[0],
+        n_text_ctx=tensors["decoder/position_encodings/encodings"].shape[0],
+        n_text_state=emb.shape[1],
+        n_text_head=int(tensors["decoder/num_heads"]),
+        n_text_layer=layers("decoder"),
+    )
+
+
+def _ct2_layer(t: dict, ct2: str, hf: str, cross: bool) -> dict[str, np.ndarray]:
+    out = {}
+    w = _ct2_tensor(t, f"{ct2}/self_attention/linear_0/weight")  # fused [3 * state, state]
+    b = _ct2_tensor(t, f"{ct2}/self_attention/linear_0/bias")
+    (wq, wk, wv), (bq, _, bv) = np.split(w, 3), np.split(b, 3)  # the key bias is zero by design
+    out.update(_proj(f"{hf}.self_attn", wq, bq, wk, wv, bv, t, f"{ct2}/self_attention/linear_1"))
+    out.update(_ln(t, f"{ct2}/self_attention/layer_norm", f"{hf}.self_attn_layer_norm"))
+    if cross:
+        wk, wv = np.split(_ct2_tensor(t, f"{ct2}/attention/linear_1/weight"), 2)  # fused [2 * state, state]
+        _, bv = np.split(_ct2_tensor(t, f"{ct2}/attention/linear_1/bias"), 2)
+        wq = _ct2_tensor(t, f"{ct2}/attention/linear_0/weight")
+        bq = _ct2_tensor(t, f"{ct2}/attention/linear_0/bias")
+        out.update(_proj(f"{hf}.encoder_attn", wq, bq, wk, wv, bv, t, f"{ct2}/attention/linear_2"))
+        out.update(_ln(t, f"{ct2}/attention/layer_norm", f"{hf}.encoder_attn_layer_norm"))
+    for i, fc in enumerate(("fc1", "fc2")):
+        out[f"{hf}.{fc}.weight"] = _ct2_tensor(t, f"{ct2}/ffn/linear_{i}/weight")
+        out[f"{hf}.{fc}.bias"] = _ct2_tensor(t, f"{ct2}/ffn/linear_{i}/bias")
+    out.update(_ln(t, f"{ct2}/ffn/layer_norm", f"{hf}.final_layer_norm"))
+    return out
+
+
+def _proj(hf, wq, bq, wk, wv, bv, t, out_name) -> dict[str, np.ndarray]:
+    return {
+        f"{hf}.q_proj.weight": wq, f"{hf}.q_proj.bias": bq,
+        f"{hf}.k_proj.weight": wk,
+        f"{hf}.v_proj.weight": wv, f"{hf}.v_proj.bias": bv,
+        f"{hf}.out_proj.weight": _ct2_tensor(t, f"{out_name}/weight"),
+        f"{hf}.out_proj.bias": _ct2_tensor(t, f"{out_name}/bias"),
+    }  # fmt: skip
+
+
+def _ln(t: dict, ct2: str, hf: str) -> dict[str, np.ndarray]:
+    return {f"{hf}.weight": _ct2_tensor(t, f"{ct2}/gamma"), f"{hf}.bias": _ct2_tensor(t, f"{ct2}/beta")}
+
+
+# ---------------------------------------------------------------- Hugging Face files
+
+def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
+    """``model.safetensors``, or every shard listed in ``model.safetensors.index.json``."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        shards = ["model.safetensors"]
+    state = {}
+    for shard in shards:
+        try:
+            state.update(load_file(model_dir / shard))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ModelError(model_dir / shard, f"cannot read safetensors ({err})") from None
+    return {k: np.asarray(v, np.float32) if v.dtype != np.float32 else v for k, v in state.items()}
+
+
+def read_flax_msgpack(path: Path) -> dict[str, np.ndarray]:
+    """HF ``flax_model.msgpack`` into the canonical names and layouts.
+
+    Flax names map to PyTorch ones generically: '/' becomes '.', and the leaf ``kernel``
+    (transposed), ``scale`` and ``embedding`` all become ``weight``.
+    """
+    from flax.serialization import msgpack_restore
+
+    try:
+        tree = msgpack_restore(Path(path).read_bytes())
+    except Exception as err:  # msgpack raises several unrelated types on bad input
+        raise ModelError(path, f"cannot read flax msgpack ({type(err).__name__})") from None
+    state = {}
+    for name, value in flatten(tree).items():
+        value = np.asarray(value, np.float32)
+        *parents, leaf = name.split("/")
+        if leaf == "kernel":
+            value = value.T if value.ndim == 2 else value.transpose(2, 1, 0)
+        if leaf in ("kernel", "scale", "embedding"):
+            leaf = "weight"
+        state[".".join([*parents, leaf])] = value
+    return state
+
+
+def write_flax_msgpack(state: dict[str, np.ndarray], path: Path) -> None:
+    """Writes canonical tensors under HF's Flax names (for conversion and tests)."""
+    from flax.serialization import msgpack_serialize
+
+    flat = {}
+    for name, value in state.items():
+        *parents, leaf = name.split(".")
+        norm = parents[-1].endswith(("layer_norm", "_ln")) or parents[-1] == "layer_norm"
+        if leaf == "weight":
+            if value.ndim in (2, 3) and not parents[-1].startswith(("embed_",)):
+                value = value.T if value.ndim == 2 else value.transpose(2, 1, 0)
+                leaf = "kernel"
+            elif parents[-1].startswith("embed_"):
+                leaf = "embedding"
+            elif norm:
+                leaf = "scale"
+        flat["/".join([*parents, leaf])] = np.asarray(value)
+    Path(path).write_bytes(msgpack_serialize(unflatten(flat)))
