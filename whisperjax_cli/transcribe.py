@@ -145,10 +145,15 @@ class Transcriber:
     # ------------------------------------------------------------ files and streams
 
     def open_file(self, index: int, source, sample_rate: Optional[int] = None) -> _File:
-        audio = source if isinstance(source, np.ndarray) and sample_rate is None else load_audio(source, sample_rate)
+        if callable(source):  # a loader: the caller decodes lazily and names its own errors
+            audio = source()
+        elif isinstance(source, np.ndarray) and sample_rate is None:
+            audio = source  # already 16 kHz mono
+        else:
+            audio = load_audio(source, sample_rate)
         mel = log_mel_spectrogram(audio, self.model.n_mels, padding=N_SAMPLES)
         content_frames = mel.shape[0] - N_FRAMES
-        language, probability = self._language(mel)
+        language, probability = self._language(mel, content_frames)
         tok = self.model.tokenizer
         sot = tok.sot_sequence_for(language, self.options.task) if tok.multilingual else tuple(tok.sot_sequence)
         clips = parse_clip_timestamps(self.clip_timestamps, content_frames)
@@ -159,13 +164,18 @@ class Transcriber:
             streams = [_Stream(index, clips, list(self.initial_tokens))]
         return _File(index, source, mel, content_frames, language, probability, sot, streams)
 
-    def _language(self, mel: np.ndarray) -> tuple[Optional[str], Optional[float]]:
+    def _language(self, mel: np.ndarray, content_frames: int) -> tuple[Optional[str], Optional[float]]:
         tok = self.model.tokenizer
         if not tok.multilingual:
             return "en", None
         if self.options.language is not None:
             return self.options.language, None
-        codes, probs = detect_language_mel(self.model, mel[None, :N_FRAMES])
+        # The first window with zeros past the content, as faster-whisper (OpenAI feeds the
+        # log-mel of zero audio there instead; this agrees with the decoding windows).
+        window = np.zeros((1, N_FRAMES, mel.shape[1]), np.float32)
+        n = min(N_FRAMES, content_frames)
+        window[0, :n] = mel[:n]
+        codes, probs = detect_language_mel(self.model, window)
         best = int(np.argmax(probs[0]))
         return codes[best], float(probs[0, best])
 
