@@ -32,6 +32,7 @@ class LoopConfig:
     eot: int
     no_speech: Optional[int]
     timestamps: Optional[TimestampConfig]  # None: without timestamps
+    sample: bool = False  # True: sample at the given temperature; False: greedy (argmax)
 
 
 @flax.struct.dataclass
@@ -85,7 +86,7 @@ def decode_loop(
     Args:
       step_fn: ``(tokens [batch, 1], cache, index) -> (logits [batch, vocab], cache)``.
       state: the state after the prompt: ``cur == sample_begin``, ``logits`` for that slot.
-      temperature: float32 scalar; 0 means greedy (argmax).
+      temperature: float32 scalar, used when ``config.sample`` (greedy otherwise).
     """
     end = sample_begin + config.sample_len
 
@@ -94,9 +95,12 @@ def decode_loop(
 
     def body(s: LoopState) -> LoopState:
         logits = filter_logits(s.logits, s.tokens, s.cur, sample_begin, suppress_mask, begin_mask, config)
-        key, sub = jax.random.split(s.key)
-        sampled = jax.random.categorical(sub, logits / jnp.maximum(temperature, 1e-6), axis=-1)
-        token = jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+        key = s.key
+        if config.sample:
+            key, sub = jax.random.split(s.key)
+            token = jax.random.categorical(sub, logits / temperature, axis=-1).astype(jnp.int32)
+        else:
+            token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         logprobs = jax.nn.log_softmax(logits, axis=-1)
         token_logprob = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
         sum_logprobs = s.sum_logprobs + jnp.where(s.done, 0.0, token_logprob)
@@ -364,7 +368,8 @@ class WindowDecoder:
 
             out = beam_search_window(*args, self.config, opts.beam_size, opts.patience, opts.length_penalty)
         else:
-            out = decode_window(*args, jnp.float32(temperature), key, self.config)
+            config = dataclasses.replace(self.config, sample=temperature > 0)
+            out = decode_window(*args, jnp.float32(temperature), key, config)
         tokens, sums, no_speech = jax.device_get((out.tokens, out.sum_logprobs, out.no_speech_prob))
         results = [self._result(tokens[j], sums[j], no_speech[j], temperature) for j in range(len(index))]
         return [self._best(results[k * repeat : (k + 1) * repeat]) for k in range(len(rows))]

@@ -170,10 +170,11 @@ class Transcriber:
             return "en", None
         if self.options.language is not None:
             return self.options.language, None
-        # The first window with zeros past the content, as faster-whisper (OpenAI feeds the
-        # log-mel of zero audio there instead; this agrees with the decoding windows).
+        # The first window with zeros past the content, as faster-whisper does (OpenAI feeds the
+        # log-mel of zero audio there instead). Like faster-whisper it keeps the frame centred
+        # on the last sample too, so probabilities agree with it to ~1e-4.
         window = np.zeros((1, N_FRAMES, mel.shape[1]), np.float32)
-        n = min(N_FRAMES, content_frames)
+        n = min(N_FRAMES, content_frames + 1)
         window[0, :n] = mel[:n]
         codes, probs = detect_language_mel(self.model, window)
         best = int(np.argmax(probs[0]))

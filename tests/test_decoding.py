@@ -1,0 +1,119 @@
+"""Greedy decoding: a scripted-stub loop test, parity with faster-whisper, compile counting."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import CLIPS, faster_whisper_model
+from whisperjax_cli.decoding import (
+    LoopConfig, LoopState, build_prompt, compression_ratio, decode_loop, decode_window, encode, left_pad,
+)
+from whisperjax_cli.transcribe import transcribe
+
+EOT = 9
+
+
+def _scripted_state(vocab=12, batch=2, sample_len=6, prompt=2):
+    tokens = jnp.concatenate([jnp.full((batch, prompt), 1, jnp.int32), jnp.full((batch, sample_len), EOT, jnp.int32)], 1)
+    return LoopState(tokens, jnp.int32(prompt), jnp.zeros((batch, vocab)), {"calls": jnp.zeros((), jnp.int32)},
+                     jnp.zeros((batch,)), jnp.zeros((batch,), bool), jax.random.PRNGKey(0))
+
+
+def test_loop_with_a_stub_model_follows_the_script():
+    """Row 0 is scripted to say 3, 4, EOT; row 1 says 5 forever. Checks tokens, logprobs, stop."""
+    script = {0: [3, 4, EOT], 1: [5, 5, 5, 5, 5, 5]}
+
+    def step(token, cache, index):  # logits for slot index + 1, favouring the scripted token
+        k = index + 1 - 2
+        logits = jnp.full((2, 12), -5.0)
+        for row, seq in script.items():
+            want = jnp.asarray(seq + [EOT] * 8)[jnp.clip(k, 0, 8)]
+            logits = logits.at[row, want].set(2.0)
+        return logits, None if cache is None else {"calls": cache["calls"] + 1}
+
+    state = _scripted_state()
+    first, _ = step(None, None, jnp.int32(1))
+    state = state.replace(logits=first)
+    config = LoopConfig(sample_len=6, eot=EOT, no_speech=None, timestamps=None)
+    no_mask = jnp.zeros((12,), bool)
+    out = jax.jit(lambda s: decode_loop(step, s, jnp.int32(2), no_mask, no_mask, jnp.float32(0), config))(state)
+    np.testing.assert_array_equal(out.tokens[0, 2:], [3, 4, EOT, EOT, EOT, EOT])
+    np.testing.assert_array_equal(out.tokens[1, 2:], [5, 5, 5, 5, 5, 5])
+    step_logprob = float(jax.nn.log_softmax(first[0])[3])
+    np.testing.assert_allclose(out.sum_logprobs[0], 3 * step_logprob, rtol=1e-4)  # 3, 4 and EOT each
+    np.testing.assert_allclose(out.sum_logprobs[1], 6 * step_logprob, rtol=1e-4)
+    assert int(out.cur) == 8 and bool(out.done[0]) and not bool(out.done[1])
+
+
+def test_suppress_masks_apply_and_blank_only_at_the_first_step():
+    def step(token, cache, index):
+        return jnp.tile(jnp.arange(12.0)[None], (2, 1)), cache  # always prefers the largest id
+
+    config = LoopConfig(sample_len=4, eot=EOT, no_speech=None, timestamps=None)
+    suppress = jnp.zeros((12,), bool).at[11].set(True)
+    begin = jnp.zeros((12,), bool).at[10].set(True)
+    state = _scripted_state(sample_len=4)
+    state = state.replace(logits=step(None, None, 0)[0])
+    out = decode_loop(step, state, jnp.int32(2), suppress, begin, jnp.float32(0), config)
+    # First step: 11 is suppressed and 10 is blank-suppressed, so 9 (EOT) wins and the row ends.
+    np.testing.assert_array_equal(out.tokens[:, 2:], [[EOT] * 4] * 2)
+    # From the second step on only 11 is masked: without the EOT row end, 10 would follow.
+    state = state.replace(cur=jnp.int32(3))
+    out = decode_loop(step, state, jnp.int32(2), suppress, begin, jnp.float32(0), config)
+    np.testing.assert_array_equal(out.tokens[:, 3], [10, 10])
+
+
+def test_prompt_building_and_left_padding():
+    class Tok:
+        sot_prev, no_timestamps = 100, 101
+
+    tokens, tail = build_prompt(Tok, (1, 2, 3), list(range(300)), without_timestamps=True, n_text_ctx=448)
+    assert tokens[0] == 100 and tokens[1:224] == list(range(77, 300)) and tokens[-4:] == [1, 2, 3, 101]
+    assert tail == 4
+    padded, pad = left_pad([[5, 6], [7]], 4, 0)
+    np.testing.assert_array_equal(padded, [[0, 0, 5, 6], [0, 0, 0, 7]])
+    np.testing.assert_array_equal(pad, [2, 3])
+    assert compression_ratio("ab " * 100) > 5 > compression_ratio("the quick brown fox") > 0
+
+
+@pytest.mark.parametrize("model_name", ["tiny_en", "base"])
+def test_greedy_tokens_identical_to_faster_whisper(model_name, request, clip_audio):
+    model = request.getfixturevalue(model_name)
+    fw = faster_whisper_model(model)
+    mismatches = []
+    for clip in CLIPS:
+        audio = clip_audio[clip.name]
+        ours = transcribe(model, audio, temperature=0.0, without_timestamps=True)
+        segs, info = fw.transcribe(audio, beam_size=1, without_timestamps=True, temperature=0.0,
+                                   condition_on_previous_text=False)
+        theirs = [t for s in segs for t in s.tokens]
+        if [t for s in ours.segments for t in s.tokens] != theirs:
+            mismatches.append(clip.name)
+        if model.is_multilingual:
+            assert ours.language == info.language, clip.name
+            assert abs(ours.language_probability - info.language_probability) <= 0.01, clip.name
+    assert mismatches == []
+
+
+def test_russian_is_detected_and_transcribed_in_cyrillic(base, clip_audio):
+    result = transcribe(base, clip_audio["russian-8k.wav"], temperature=0.0)
+    assert result.language == "ru" and result.language_probability > 0.95
+    assert "стали" in result.text and "Аппарат" in result.text
+
+
+def test_repeated_calls_do_not_recompile(tiny_en, clip_audio):
+    transcribe(tiny_en, clip_audio["cards-001.flac"], temperature=0.0, without_timestamps=True)
+    sizes = (decode_window._cache_size(), encode._cache_size())
+    for name in ("cards-002.flac", "goforward.flac", "something.wav"):
+        transcribe(tiny_en, clip_audio[name], temperature=0.0, without_timestamps=True)
+    assert (decode_window._cache_size(), encode._cache_size()) == sizes
+
+
+def test_silence_gives_no_text(tiny_en):
+    rng = np.random.default_rng(0)
+    for audio in (np.zeros(30 * 16000, np.float32), (rng.standard_normal(30 * 16000) * 1e-3).astype(np.float32)):
+        result = transcribe(tiny_en, audio)
+        assert result.text.strip() == "" and result.segments == []

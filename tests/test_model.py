@@ -1,0 +1,107 @@
+"""Model shapes for every official size (no weights), cache mechanics and dtype handling."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from whisperjax_cli.dims import OFFICIAL_DIMS, ModelDimensions
+from whisperjax_cli.model import KVCache, Whisper, init_cache
+from whisperjax_cli.weights import expected_shapes, name_table
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_DIMS))
+def test_eval_shape_every_official_size(name):
+    dims = OFFICIAL_DIMS[name]
+    model = Whisper(dims)
+    mel = jax.ShapeDtypeStruct((2, 3000, dims.n_mels), jnp.float32)
+    tokens = jax.ShapeDtypeStruct((2, 5), jnp.int32)
+    params = jax.eval_shape(lambda m, t: model.init(jax.random.PRNGKey(0), m, t), mel, tokens)["params"]
+    audio = jax.eval_shape(lambda p, m: model.apply({"params": p}, m, method=Whisper.encode), params, mel)
+    assert audio.shape == (2, dims.n_audio_ctx, dims.n_audio_state)
+    cross = jax.eval_shape(lambda p, a: model.apply({"params": p}, a, method=Whisper.cross_kv), params, audio)
+    assert len(cross[0]) == dims.n_text_layer
+    assert cross[0][0].shape == (2, dims.n_audio_ctx, dims.n_text_state)
+
+    def step(p, cross):
+        cache = init_cache(dims, cross, 16)
+        return model.apply({"params": p}, jnp.zeros((2, 1), jnp.int32), cache, jnp.int32(3), method=Whisper.decode)
+
+    logits, cache = jax.eval_shape(step, params, cross)
+    assert logits.shape == (2, 1, dims.n_vocab) and logits.dtype == jnp.float32
+    assert cache.self_k[0].shape == (2, 16, dims.n_text_state)
+    # The name table covers every parameter exactly once.
+    leaves = {"/".join(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
+    assert leaves == {ours for ours, _, _ in name_table(dims)}
+    n_params = sum(np.prod(s) for s in expected_shapes(dims).values())
+    assert n_params > 30e6
+
+
+def test_large_v3_has_128_mels_and_100_languages():
+    dims = OFFICIAL_DIMS["large-v3"]
+    assert dims.n_mels == 128 and dims.num_languages == 100 and dims.is_multilingual
+    assert OFFICIAL_DIMS["base"].num_languages == 99 and not OFFICIAL_DIMS["tiny.en"].is_multilingual
+
+
+def test_dims_round_trip_hf_config_and_hashable():
+    dims = OFFICIAL_DIMS["small"]
+    assert ModelDimensions.from_hf_config(dims.to_hf_config()) == dims
+    assert hash(dims) == hash(ModelDimensions.from_hf_config(dims.to_hf_config()))
+
+
+def _tiny_random():
+    dims = ModelDimensions(8, 10, 16, 2, 1, 40, 12, 16, 2, 2)
+    model = Whisper(dims)
+    params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 20, 8)), jnp.zeros((1, 1), jnp.int32))["params"]
+    mel = jax.random.normal(jax.random.PRNGKey(2), (2, 20, 8))
+    return dims, model, params, mel
+
+
+def test_cached_step_by_step_equals_teacher_forcing():
+    """Feeding tokens one at a time through the cache gives the full-sequence logits."""
+    dims, model, params, mel = _tiny_random()
+    tokens = jnp.array([[1, 5, 7, 3, 9], [2, 4, 6, 8, 10]], jnp.int32)
+    full = model.apply({"params": params}, mel, tokens)
+    audio = model.apply({"params": params}, mel, method=Whisper.encode)
+    cache = init_cache(dims, model.apply({"params": params}, audio, method=Whisper.cross_kv), 8)
+    steps = []
+    for i in range(tokens.shape[1]):
+        logits, cache = model.apply({"params": params}, tokens[:, i : i + 1], cache, jnp.int32(i), method=Whisper.decode)
+        steps.append(logits[:, 0])
+    np.testing.assert_allclose(np.stack(steps, 1), full, atol=1e-5)
+    # The buffers were written at slots 0..4 and nowhere else.
+    k = np.asarray(cache.self_k[0])
+    assert np.abs(k[:, :5]).sum() > 0 and np.all(k[:, 5:] == 0)
+
+
+def test_left_padding_is_invisible():
+    """A row left-padded by 3 slots gives the same logits as the unpadded row."""
+    dims, model, params, mel = _tiny_random()
+    audio = model.apply({"params": params}, mel[:1], method=Whisper.encode)
+    cross = model.apply({"params": params}, audio, method=Whisper.cross_kv)
+    plain, _ = model.apply({"params": params}, jnp.array([[1, 5, 7]]), init_cache(dims, cross, 8), jnp.int32(0),
+                           method=Whisper.decode)
+    padded, _ = model.apply({"params": params}, jnp.array([[0, 0, 0, 1, 5, 7]]), init_cache(dims, cross, 8),
+                            jnp.int32(0), jnp.array([3], jnp.int32), method=Whisper.decode)
+    np.testing.assert_allclose(padded[:, 3:], plain, atol=1e-5)
+
+
+def test_cache_is_a_pytree_that_gathers_by_beam():
+    dims, model, params, mel = _tiny_random()
+    audio = model.apply({"params": params}, mel, method=Whisper.encode)
+    cache = init_cache(dims, model.apply({"params": params}, audio, method=Whisper.cross_kv), 4)
+    assert isinstance(cache, KVCache) and cache.length == 4
+    swapped = jax.tree_util.tree_map(lambda x: x[jnp.array([1, 0])], cache)
+    np.testing.assert_array_equal(swapped.cross_k[0][0], cache.cross_k[0][1])
+
+
+def test_bfloat16_compute_keeps_float32_logits():
+    dims, _, params, mel = _tiny_random()
+    model = Whisper(dims, jnp.bfloat16)
+    bf16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+    logits = model.apply({"params": bf16}, mel, jnp.array([[1, 2], [3, 4]]))
+    ref = Whisper(dims).apply({"params": params}, mel, jnp.array([[1, 2], [3, 4]]))
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, ref, atol=0.15)

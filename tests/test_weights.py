@@ -1,0 +1,172 @@
+"""Loading the same checkpoint from every format, and strict failures that name the tensor."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from whisperjax_cli import weights
+from whisperjax_cli.errors import ModelError
+from whisperjax_cli.model import Whisper
+from whisperjax_cli.models import load_model, read_model_dir, resolve_model
+
+
+def _logits(model, mel, tokens):
+    return np.asarray(jax.jit(lambda p: Whisper(model.dims).apply({"params": p}, mel, tokens))(model.params))
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory, tiny_en):
+    """The bundled tiny.en written as HF safetensors and HF flax msgpack directories."""
+    root = tmp_path_factory.mktemp("formats")
+    state = weights.state_from_params(jax.device_get(tiny_en.params), tiny_en.dims)
+    dirs = {}
+    for kind in ("safetensors", "flax"):
+        d = root / kind
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(tiny_en.dims.to_hf_config()))
+        shutil.copy(tiny_en.path / "tokenizer.json", d / "tokenizer.json")
+        if kind == "safetensors":
+            save_file(state, str(d / "model.safetensors"))
+        else:
+            weights.write_flax_msgpack(state, d / "flax_model.msgpack")
+        dirs[kind] = d
+    return dirs
+
+
+def test_same_logits_from_ctranslate2_safetensors_and_flax(tiny_en, tiny_dirs):
+    mel = jax.random.normal(jax.random.PRNGKey(0), (1, 3000, 80)) * 0.3
+    tokens = jnp.array([[50257, 50362, 1514, 2651, 838]])
+    reference = _logits(tiny_en, mel, tokens)
+    for kind, d in tiny_dirs.items():
+        other = load_model(str(d), dtype="float32")
+        assert read_model_dir(d).kind == kind
+        np.testing.assert_array_equal(_logits(other, mel, tokens), reference, err_msg=kind)
+
+
+def test_sharded_safetensors_with_index(tmp_path, tiny_en, tiny_dirs):
+    from safetensors.numpy import load_file
+
+    state = load_file(str(tiny_dirs["safetensors"] / "model.safetensors"))
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(tmp_path / shard))
+    index = {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    shutil.copy(tiny_dirs["safetensors"] / "config.json", tmp_path / "config.json")
+    files = read_model_dir(tmp_path)
+    assert set(files.state) == set(state)
+    np.testing.assert_array_equal(files.state["model.decoder.embed_tokens.weight"], state["model.decoder.embed_tokens.weight"])
+
+
+def test_missing_tensor_is_named(tmp_path, tiny_dirs):
+    from safetensors.numpy import load_file
+
+    state = load_file(str(tiny_dirs["safetensors"] / "model.safetensors"))
+    del state["model.decoder.layers.2.fc1.bias"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    shutil.copy(tiny_dirs["safetensors"] / "config.json", tmp_path / "config.json")
+    with pytest.raises(ModelError, match=r"missing tensor 'model\.decoder\.layers\.2\.fc1\.bias'"):
+        load_model(str(tmp_path))
+
+
+def test_wrong_shape_is_named(tmp_path, tiny_dirs):
+    from safetensors.numpy import load_file
+
+    state = load_file(str(tiny_dirs["safetensors"] / "model.safetensors"))
+    state["model.encoder.layers.0.self_attn.q_proj.weight"] = np.zeros((384, 380), np.float32)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    shutil.copy(tiny_dirs["safetensors"] / "config.json", tmp_path / "config.json")
+    with pytest.raises(ModelError, match=r"'model\.encoder\.layers\.0\.self_attn\.q_proj\.weight' has shape \(384, 380\), expected \(384, 384\)"):
+        load_model(str(tmp_path))
+
+
+def test_unexpected_tensor_is_named(tmp_path, tiny_dirs):
+    from safetensors.numpy import load_file
+
+    state = load_file(str(tiny_dirs["safetensors"] / "model.safetensors"))
+    state["model.decoder.extra.weight"] = np.zeros((2,), np.float32)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    shutil.copy(tiny_dirs["safetensors"] / "config.json", tmp_path / "config.json")
+    with pytest.raises(ModelError, match="unexpected tensors: model.decoder.extra.weight"):
+        load_model(str(tmp_path))
+
+
+def test_pickles_are_refused_never_read(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04this would be a pickle")
+    with pytest.raises(ModelError, match="never unpickles"):
+        read_model_dir(tmp_path)
+
+
+def test_truncated_ctranslate2_file(tmp_path, tiny_en):
+    data = (tiny_en.path / "model.bin").read_bytes()
+    (tmp_path / "model.bin").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ModelError, match="corrupt CTranslate2 model file"):
+        read_model_dir(tmp_path)
+
+
+def test_empty_directory_and_unknown_name(tmp_path):
+    with pytest.raises(ModelError, match="no weights found"):
+        read_model_dir(tmp_path)
+    with pytest.raises(ModelError, match="unknown model"):
+        resolve_model("definitely-not-a-model")
+
+
+def _write_ct2(path, tensors: dict, aliases: dict):
+    """CTranslate2's model.bin layout (specs/model_spec.py ``_serialize``), for test files."""
+    ids = {np.dtype(np.float32): 0, np.dtype(np.int8): 1, np.dtype(np.int16): 2, np.dtype(np.int32): 3,
+           np.dtype(np.float16): 4}
+
+    def string(s):
+        return struct.pack("H", len(s) + 1) + s.encode() + b"\0"
+
+    out = [struct.pack("I", 6), string("WhisperSpec"), struct.pack("I", 3), struct.pack("I", len(tensors))]
+    for name, value in tensors.items():
+        value = np.array(value, order="C")  # (ascontiguousarray would make scalars 1-D)
+        out += [string(name), struct.pack("B", value.ndim), *(struct.pack("I", d) for d in value.shape),
+                struct.pack("B", ids[value.dtype]), struct.pack("I", value.nbytes), value.tobytes()]
+    out.append(struct.pack("I", len(aliases)))
+    out += [string(a) + string(t) for a, t in aliases.items()]
+    path.write_bytes(b"".join(out))
+
+
+def test_int8_ctranslate2_weights_are_dequantized_like_ctranslate2(tmp_path, tiny_en, clip_audio):
+    """int8 weights (CTranslate2's per-row scale) load, and decode as CTranslate2 decodes them."""
+    from faster_whisper import WhisperModel
+
+    from whisperjax_cli.transcribe import transcribe
+
+    tensors, aliases = weights.read_ct2(tiny_en.path / "model.bin")
+    quantized = {}
+    for name, value in tensors.items():
+        if name.endswith("/weight") and value.ndim == 2 and "embeddings" not in name:
+            w = value.astype(np.float32)
+            scale = 127.0 / np.maximum(np.abs(w).max(axis=1), 1e-8)
+            quantized[name] = np.round(w * scale[:, None]).astype(np.int8)
+            quantized[name + "_scale"] = scale.astype(np.float32)
+        else:
+            quantized[name] = value
+    _write_ct2(tmp_path / "model.bin", quantized, aliases)
+    for f in tiny_en.path.iterdir():
+        if f.name != "model.bin":
+            shutil.copy(f, tmp_path / f.name)
+    ours = load_model(str(tmp_path), dtype="float32")
+    w = np.asarray(ours.params["decoder"]["blocks_0"]["mlp1"]["kernel"])
+    ref = np.asarray(tiny_en.params["decoder"]["blocks_0"]["mlp1"]["kernel"])
+    assert 0 < np.abs(w - ref).max() < 0.02
+    audio = clip_audio["goforward.flac"]
+    fw = WhisperModel(str(tmp_path), device="cpu", compute_type="float32")
+    segs, _ = fw.transcribe(audio, beam_size=1, without_timestamps=True, temperature=0.0)
+    theirs = [t for s in segs for t in s.tokens]
+    got = [t for s in transcribe(ours, audio, temperature=0.0, without_timestamps=True).segments for t in s.tokens]
+    assert got == theirs and len(got) > 3
