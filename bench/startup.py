@@ -1,0 +1,103 @@
+"""Start-up cost of one short transcription: ``wjx transcribe`` against faster-whisper.
+
+Each run times three fresh processes on the same 3 s clip, wall clock from spawn to exit:
+
+* wjx cold: ``python -m whisperjax_cli transcribe CLIP -o -`` with an empty ``WJX_CACHE_DIR``,
+  so every XLA program is compiled;
+* wjx warm: the same command again with the same cache dir (compiled programs reused);
+* faster-whisper: a script that loads the same tiny.en CTranslate2 folder (what
+  ``resolve_model("tiny.en")`` returns), transcribes the clip and prints the text.
+
+Both sides decode alike: float32 on CPU, greedy (beam 1) at temperature 0 with the default
+fallback, timestamps on. The bar: warm wall time at most 1.5x faster-whisper's.
+
+    python bench/startup.py --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FASTER_WHISPER = """
+import sys
+from faster_whisper import WhisperModel
+model = WhisperModel(sys.argv[1], device="cpu", compute_type="float32")
+segments, _ = model.transcribe(sys.argv[2], beam_size=1)
+print("".join(s.text for s in segments).strip())
+"""
+
+
+def cut_clip(source: Path, seconds: float, target: Path) -> Path:
+    """The first ``seconds`` of ``source`` written as 16-bit FLAC at ``target``."""
+    import soundfile as sf
+
+    audio, rate = sf.read(str(source), dtype="float32")
+    sf.write(str(target), audio[: int(seconds * rate)], rate, subtype="PCM_16")
+    return target
+
+
+def timed(cmd: list[str], env: dict) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr}")
+    return elapsed, proc.stdout.strip()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--clip", type=Path, default=ROOT / "tests" / "data" / "numbers.flac")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--model", default="tiny.en")
+    args = parser.parse_args()
+
+    from whisperjax_cli.models import resolve_model
+
+    model_dir = resolve_model(args.model)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WJX_", "JAX_", "XLA_"))}
+    work = Path(tempfile.mkdtemp(prefix="wjx-startup-"))
+    try:
+        clip = cut_clip(args.clip, args.seconds, work / "clip.flac")
+        wjx = [sys.executable, "-m", "whisperjax_cli", "transcribe", str(clip), "-m", args.model, "-o", "-"]
+        fw = [sys.executable, "-c", FASTER_WHISPER, str(model_dir), str(clip)]
+        load_before = os.getloadavg()
+        times: dict[str, list[float]] = {"wjx cold": [], "wjx warm": [], "faster-whisper": []}
+        texts: dict[str, str] = {}
+        for run in range(args.runs):
+            cache = work / f"cache{run}"
+            run_env = {**env, "WJX_CACHE_DIR": str(cache)}
+            for label, cmd, e in (("wjx cold", wjx, run_env), ("wjx warm", wjx, run_env), ("faster-whisper", fw, env)):
+                elapsed, texts[label] = timed(cmd, e)
+                times[label].append(elapsed)
+            shutil.rmtree(cache, ignore_errors=True)
+        load_after = os.getloadavg()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"clip: first {args.seconds:g} s of {args.clip.name}; model {args.model} ({model_dir}); "
+          f"{os.cpu_count()} CPUs; {args.runs} runs")
+    print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+    print(f"{'':16} {'min s':>7} {'median s':>9}  text")
+    for label, values in times.items():
+        print(f"{label:16} {min(values):7.2f} {statistics.median(values):9.2f}  {texts[label]!r}")
+    ratio = min(times["wjx warm"]) / min(times["faster-whisper"])
+    median_ratio = statistics.median(times["wjx warm"]) / statistics.median(times["faster-whisper"])
+    print(f"warm / faster-whisper: {ratio:.2f}x (min), {median_ratio:.2f}x (median); bar 1.5x: "
+          f"{'met' if ratio <= 1.5 else 'not met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

