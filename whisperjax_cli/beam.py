@@ -1,0 +1,284 @@
+"""Beam search over the explicit KV cache: OpenAI's ``BeamSearchDecoder`` + ``MaximumLikelihoodRanker``.
+
+One jitted ``lax.while_loop`` over a :class:`BeamState` pytree. Each audio row runs ``beam_size``
+beams (rows ``b * beam_size + j``); reordering beams is a gather on the cache pytree and the token
+buffer. Finished sequences live in fixed-shape arrays ``[batch, slots, sample_len]``, so the whole
+search, ``finalize`` and the ranking stay inside the jit. As in ``decoding.decode_loop``, the model
+call is passed in as ``step_fn``, so the search can be tested with a scripted stub.
+
+Reference: ``whisper/decoding.py`` (``BeamSearchDecoder.update``/``finalize``,
+``MaximumLikelihoodRanker.rank``, ``DecodingTask.run``) at openai/whisper c0d2f62. This is not
+CTranslate2's search (faster-whisper): that one finishes only end-of-text candidates among its top
+``beam_size`` and does not cap them at ``max_candidates``, so the two occasionally pick different
+sequences (see tests/test_beam.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from whisperjax_cli.decoding import DecodeOutput, LoopConfig, filter_logits
+from whisperjax_cli.model import KVCache, Whisper, init_cache
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class BeamState:
+    tokens: Array  # int32 [batch * beam, buffer]: prompt, the beam's sampled tokens, end-of-text after
+    cur: Array  # int32 scalar: the next slot to write
+    logits: Array  # float32 [batch * beam, vocab]: logits for slot `cur`
+    cache: Any  # the step function's cache pytree, every leaf with rows [batch * beam, ...]
+    sum_logprobs: Array  # float32 [batch * beam]: running score of each beam
+    fin_tokens: Array  # int32 [batch, slots, sample_len]: finished sequences, end-of-text then padding
+    fin_scores: Array  # float32 [batch, slots]: their sums of logprobs (end-of-text included)
+    fin_count: Array  # int32 [batch]: filled slots, in OpenAI's insertion order
+
+
+def max_candidates(beam_size: int, patience: Optional[float]) -> int:
+    """OpenAI's ``round(beam_size * patience)`` finished sequences to collect (Python rounding)."""
+    n = round(beam_size * (patience or 1.0))
+    if n <= 0:
+        raise ValueError(f"beam_size * patience must round to at least 1, not {n}")
+    return n
+
+
+def rank_candidates(logprobs: Array, sum_logprobs: Array, first_step: Array, beam: int):
+    """Every beam's top ``beam + 1`` extensions per audio, best first (OpenAI's STEP 1 and sort).
+
+    At the first step all beams of an audio hold the same prefix; OpenAI's dict keyed by the
+    sequence keeps one copy, so here only beam 0's candidates are valid then. Ties keep insertion
+    order (beam, then top-k rank), as Python's stable ``sorted(..., reverse=True)`` does.
+
+    Returns:
+      ``(scores, source, token, valid)``, each ``[batch, beam * (beam + 1)]``; ``source`` is the
+      global row of the candidate's beam.
+    """
+    n = logprobs.shape[0]
+    batch, c = n // beam, beam * (beam + 1)
+    top_logprobs, top_tokens = jax.lax.top_k(logprobs, beam + 1)  # [n, beam + 1]
+    scores = (sum_logprobs[:, None] + top_logprobs).reshape(batch, c)
+    tokens = top_tokens.reshape(batch, c)
+    source = jnp.repeat(jnp.arange(n, dtype=jnp.int32), beam + 1).reshape(batch, c)
+    duplicate = first_step & (source % beam != 0)  # [batch, c]
+    insertion = jnp.broadcast_to(jnp.arange(c), (batch, c))
+    _, _, order = jax.lax.sort((duplicate.astype(jnp.int32), -scores, insertion), dimension=1, num_keys=3)
+    take = lambda x: jnp.take_along_axis(x, order, axis=1)  # noqa: E731
+    return take(scores), take(source), take(tokens), ~take(duplicate)
+
+
+def _sampled(tokens: Array, sample_begin: Array, sample_len: int) -> Array:
+    """The sampled part ``[rows, sample_len]`` of the token buffer (end-of-text after the last)."""
+    return jax.lax.dynamic_slice_in_dim(tokens, sample_begin, sample_len, axis=1)
+
+
+def _add_finished(s: BeamState, rows: Array, scores: Array, add: Array, sample_begin, sample_len, limit):
+    """Appends candidates where ``add`` (in order) to each audio's finished set, up to ``limit``.
+
+    ``rows``, ``scores``, ``add`` are ``[batch, c]``: the buffer row holding each sequence (its
+    end-of-text slot is still unwritten, hence already end-of-text), its score, whether to add it.
+    """
+    batch, slots = s.fin_scores.shape
+    slot = s.fin_count[:, None] + jnp.cumsum(add, axis=1) - 1  # [batch, c]
+    keep = add & (slot < limit)
+    slot = jnp.where(keep, slot, slots)  # out of range: dropped by the scatter
+    audio = jnp.broadcast_to(jnp.arange(batch)[:, None], slot.shape)
+    sequences = _sampled(s.tokens, sample_begin, sample_len)[rows]  # [batch, c, sample_len]
+    return s.replace(
+        fin_tokens=s.fin_tokens.at[audio, slot].set(sequences, mode="drop"),
+        fin_scores=s.fin_scores.at[audio, slot].set(scores, mode="drop"),
+        fin_count=s.fin_count + keep.sum(axis=1).astype(jnp.int32),
+    )
+
+
+def beam_loop(
+    step_fn: Callable[[Array, Any, Array], tuple[Array, Any]],
+    state: BeamState,
+    sample_begin: Array,
+    suppress_mask: Array,
+    begin_mask: Array,
+    config: LoopConfig,
+    beam: int,
+    n_finished: int,
+) -> BeamState:
+    """Runs OpenAI's ``BeamSearchDecoder.update`` until every audio has ``n_finished`` finished
+    sequences or ``sample_len`` tokens were sampled.
+
+    Args:
+      step_fn: ``(tokens [rows, 1], cache, index) -> (logits [rows, vocab], cache)``.
+      state: the state after the prompt, rows already repeated ``beam`` times, no finished ones.
+      n_finished: OpenAI's ``max_candidates``.
+    """
+    end = sample_begin + config.sample_len
+    rows = state.tokens.shape[0]
+
+    def cond(s: BeamState):
+        return (s.cur < end) & ~jnp.all(s.fin_count >= n_finished)
+
+    def body(s: BeamState) -> BeamState:
+        logits = filter_logits(s.logits, s.tokens, s.cur, sample_begin, suppress_mask, begin_mask, config)
+        logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        scores, source, token, valid = rank_candidates(logprobs, s.sum_logprobs, s.cur == sample_begin, beam)
+        live = valid & (token != config.eot)
+        live_rank = jnp.cumsum(live, axis=1) - 1  # [batch, c]
+        # [batch, beam]: the position of the k-th live candidate continues as beam k.
+        pick = jnp.argmax(live[:, None, :] & (live_rank[:, None, :] == jnp.arange(beam)[None, :, None]), axis=2)
+        # OpenAI stops scanning at the last continuing candidate: only end-of-text candidates
+        # ranked above it finish at this step.
+        finished = valid & (token == config.eot) & (jnp.arange(scores.shape[1]) < pick[:, -1:])
+        s = _add_finished(s, source, scores, finished, sample_begin, config.sample_len, n_finished)
+
+        gather = lambda x: jnp.take_along_axis(x, pick, axis=1).reshape(rows)  # noqa: E731
+        src, token, sum_logprobs = gather(source), gather(token), gather(scores)
+        tokens = jax.lax.dynamic_update_slice(s.tokens[src], token[:, None], (0, s.cur))
+        cache = jax.tree_util.tree_map(lambda x: x[src], s.cache)
+        done = jnp.all(s.fin_count >= n_finished)
+        # No model call once every audio is complete or the buffer is full.
+        next_logits, cache = jax.lax.cond(
+            done | (s.cur + 1 >= end),
+            lambda: (s.logits, cache),
+            lambda: step_fn(token[:, None], cache, s.cur),
+        )
+        return s.replace(tokens=tokens, cur=s.cur + 1, logits=next_logits, cache=cache, sum_logprobs=sum_logprobs)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+def finalize(s: BeamState, sample_begin: Array, sample_len: int, beam: int) -> BeamState:
+    """OpenAI's ``finalize``: an audio with fewer than ``beam`` finished sequences gets its running
+    beams, best first (``argsort(...)[::-1]``: ties take the later beam), until it has ``beam``."""
+    batch = s.fin_count.shape[0]
+    scores = s.sum_logprobs.reshape(batch, beam)
+    later = jnp.broadcast_to(-jnp.arange(beam), (batch, beam))
+    _, neg_order = jax.lax.sort((-scores, later), dimension=1, num_keys=2)
+    rows = -neg_order + beam * jnp.arange(batch)[:, None]  # [batch, beam] global rows, best first
+    ranked = jnp.take_along_axis(scores, -neg_order, axis=1)
+    add = jnp.arange(beam)[None, :] < (beam - s.fin_count)[:, None]
+    return _add_finished(s, rows, ranked, add, sample_begin, sample_len, beam)
+
+
+def rank_finished(s: BeamState, eot: int, length_penalty: Optional[float]) -> tuple[Array, Array]:
+    """``MaximumLikelihoodRanker``: the best finished sequence per audio by sum_logprob / penalty.
+
+    The length is the number of tokens before end-of-text; the penalty is the length itself, or
+    ``((5 + length) / 6) ** length_penalty`` (Google NMT). Ties take the earliest slot (np.argmax).
+
+    Returns:
+      ``(tokens int32 [batch, sample_len], sum_logprobs float32 [batch])``.
+    """
+    is_eot = s.fin_tokens == eot  # [batch, slots, sample_len]
+    length = jnp.where(is_eot.any(axis=-1), jnp.argmax(is_eot, axis=-1), is_eot.shape[-1]).astype(jnp.float32)
+    penalty = length if length_penalty is None else ((5.0 + length) / 6.0) ** length_penalty
+    filled = jnp.arange(s.fin_scores.shape[1])[None, :] < s.fin_count[:, None]
+    best = jnp.argmax(jnp.where(filled, s.fin_scores / penalty, -jnp.inf), axis=1)  # [batch]
+    tokens = jnp.take_along_axis(s.fin_tokens, best[:, None, None], axis=1)[:, 0]
+    return tokens, jnp.take_along_axis(s.fin_scores, best[:, None], axis=1)[:, 0]
+
+
+def beam_search(
+    step_fn: Callable[[Array, Any, Array], tuple[Array, Any]],
+    tokens: Array,
+    logits: Array,
+    cache: Any,
+    sample_begin: Array,
+    suppress_mask: Array,
+    begin_mask: Array,
+    config: LoopConfig,
+    beam_size: int,
+    patience: Optional[float] = None,
+    length_penalty: Optional[float] = None,
+) -> tuple[Array, Array]:
+    """Beam search for each audio row after its prompt; the best sequence per row.
+
+    Args:
+      step_fn: ``(tokens [rows, 1], cache, index) -> (logits [rows, vocab], cache)`` over
+        ``batch * beam_size`` rows (row ``b * beam_size + j`` is beam ``j`` of audio ``b``).
+      tokens: int32 ``[batch, buffer]``: the prompt up to ``sample_begin``, end-of-text after.
+      logits: float32 ``[batch, vocab]`` for slot ``sample_begin``.
+      cache: the cache pytree after the prompt, leaves with rows ``[batch, ...]``.
+      sample_begin: int32 scalar, the first sampled slot.
+      config: static loop settings (``sample_len``, ``eot``, timestamp rules).
+    Returns:
+      ``(tokens int32 [batch, sample_len]`` sampled tokens then end-of-text,
+      ``sum_logprobs float32 [batch])``.
+    """
+    batch = tokens.shape[0]
+    n_finished = max_candidates(beam_size, patience)
+    slots = max(n_finished, beam_size)  # finalize may fill up to beam_size
+    repeat = lambda x: jnp.repeat(x, beam_size, axis=0)  # noqa: E731
+    state = BeamState(
+        tokens=repeat(tokens),
+        cur=jnp.asarray(sample_begin, jnp.int32),
+        logits=repeat(logits),
+        cache=jax.tree_util.tree_map(repeat, cache),
+        sum_logprobs=jnp.zeros((batch * beam_size,), jnp.float32),
+        fin_tokens=jnp.full((batch, slots, config.sample_len), config.eot, jnp.int32),
+        fin_scores=jnp.zeros((batch, slots), jnp.float32),
+        fin_count=jnp.zeros((batch,), jnp.int32),
+    )
+    state = beam_loop(step_fn, state, state.cur, suppress_mask, begin_mask, config, beam_size, n_finished)
+    state = finalize(state, sample_begin, config.sample_len, beam_size)
+    return rank_finished(state, config.eot, length_penalty)
+
+
+@functools.partial(jax.jit, static_argnames=("module", "config", "beam_size", "patience", "length_penalty"))
+def beam_search_window(
+    module: Whisper,
+    params,
+    audio: Array,
+    prompt: Array,
+    pad: Array,
+    sot_index: Array,
+    suppress_mask: Array,
+    begin_mask: Array,
+    config: LoopConfig,
+    beam_size: int,
+    patience: Optional[float] = None,
+    length_penalty: Optional[float] = None,
+) -> DecodeOutput:
+    """Beam-search decodes a batch of audio windows; ``decoding.decode_window``'s convention.
+
+    The prompt is prefilled once per audio row; its cross-attention keys/values are repeated once
+    per beam and held constant, so the loop's cache (gathered on every reorder) is only the
+    self-attention buffers.
+
+    Args:
+      module: the model (static).
+      audio: encoder output ``[batch, n_audio_ctx, state]``.
+      prompt: int32 ``[batch, prompt_len]``, left-padded; ends with the sot sequence.
+      pad: int32 ``[batch]`` left-padding per row.
+      sot_index: int32 scalar, the slot of start-of-transcript (for the no-speech probability).
+      suppress_mask, begin_mask: bool ``[vocab]``.
+      config: static loop settings.
+      beam_size, patience, length_penalty: OpenAI's options (static).
+    """
+    batch, prompt_len = prompt.shape
+    cross = module.apply({"params": params}, audio, method=Whisper.cross_kv)
+    cache = init_cache(module.dims, cross, prompt_len + config.sample_len, module.dtype)
+    logits, cache = module.apply({"params": params}, prompt, cache, jnp.int32(0), pad, method=Whisper.decode)
+    if config.no_speech is None:
+        no_speech_prob = jnp.zeros((batch,), jnp.float32)
+    else:
+        sot_logits = jax.lax.dynamic_index_in_dim(logits, sot_index, axis=1, keepdims=False)
+        no_speech_prob = jax.nn.softmax(sot_logits, axis=-1)[:, config.no_speech]
+
+    repeat = lambda x: jnp.repeat(x, beam_size, axis=0)  # noqa: E731
+    cross_k, cross_v = tuple(map(repeat, cache.cross_k)), tuple(map(repeat, cache.cross_v))
+    beam_pad = repeat(pad)
+
+    def step(token, self_kv, index):
+        full = KVCache(self_k=self_kv[0], self_v=self_kv[1], cross_k=cross_k, cross_v=cross_v)
+        logits, full = module.apply({"params": params}, token, full, index, beam_pad, method=Whisper.decode)
+        return logits[:, -1], (full.self_k, full.self_v)
+
+    buffer = jnp.concatenate([prompt, jnp.full((batch, config.sample_len), config.eot, jnp.int32)], axis=1)
+    tokens, sum_logprobs = beam_search(
+        step, buffer, logits[:, -1], (cache.self_k, cache.self_v), jnp.int32(prompt_len),
+        suppress_mask, begin_mask, config, beam_size, patience, length_penalty,
+    )
+    return DecodeOutput(tokens, sum_logprobs, no_speech_prob)
