@@ -154,3 +154,50 @@ def _log_mel_block(frames: np.ndarray, window: np.ndarray, filters_t: np.ndarray
     spectrum = np.fft.rfft(frames * window, axis=-1)  # [frames, N_FFT // 2 + 1] complex128
     power = spectrum.real**2 + spectrum.imag**2
     return np.log10(np.maximum(power @ filters_t, 1e-10))  # [frames, n_mels]
+
+
+class LogMelWindows:
+    """Windows of a long signal's log-mel, computed on demand in bounded memory.
+
+    Equal to slicing ``log_mel_spectrogram(audio, n_mels, padding)`` (frames ``[start, stop)``)
+    without holding the whole spectrogram: a first pass finds the global maximum that the
+    normalisation needs, then each request transforms only its own samples. Memory stays
+    proportional to the audio itself, not to the audio plus its spectrogram.
+    """
+
+    def __init__(self, audio: np.ndarray, n_mels: int = 80, padding: int = 0, *, block_frames: int = BLOCK_FRAMES):
+        self.audio = np.asarray(audio, dtype=np.float32)
+        self.n_mels = n_mels
+        self.total = self.audio.shape[0] + padding  # samples, zero padding included
+        self.n_frames = self.total // HOP_LENGTH
+        self._filters_t = mel_filters(n_mels).T.astype(np.float64)
+        self._window = _periodic_hann(N_FFT)
+        peak = -np.inf
+        for start in range(0, self.n_frames, block_frames):
+            block = self._log10(start, min(start + block_frames, self.n_frames))
+            peak = max(peak, float(block.max(initial=-np.inf)))
+        self.max = peak
+
+    def _samples(self, lo: int, hi: int) -> np.ndarray:
+        """Samples ``[lo, hi)`` of the centred signal: reflect-padded by N_FFT // 2 at both
+        ends of ``audio`` followed by zeros up to ``total``."""
+        half = N_FFT // 2
+        idx = np.arange(lo, hi) - half  # positions in the unpadded signal
+        idx = np.where(idx < 0, -idx, idx)  # reflection at the start
+        end = self.total - 1
+        idx = np.where(idx > end, 2 * end - idx, idx)  # reflection at the end
+        n = self.audio.shape[0]
+        return np.where(idx < n, self.audio[np.clip(idx, 0, n - 1)], 0.0).astype(np.float32)
+
+    def _log10(self, start: int, stop: int) -> np.ndarray:
+        if stop <= start:
+            return np.zeros((0, self.n_mels))
+        samples = self._samples(start * HOP_LENGTH, (stop - 1) * HOP_LENGTH + N_FFT)
+        frames = sliding_window_view(samples, N_FFT)[::HOP_LENGTH][: stop - start]
+        return _log_mel_block(frames, self._window, self._filters_t)
+
+    def frames(self, start: int, stop: int) -> np.ndarray:
+        """Normalised log-mel frames ``[start, stop)`` as float32 ``[stop - start, n_mels]``."""
+        stop = min(stop, self.n_frames)
+        log_spec = np.maximum(self._log10(start, stop), self.max - 8.0)
+        return ((log_spec + 4.0) / 4.0).astype(np.float32)

@@ -23,7 +23,7 @@ from whisperjax_cli.audio import SAMPLE_RATE, load_audio
 from whisperjax_cli.decoding import (
     DecodingOptions, WindowDecoder, build_prompt, language_logits, language_probs,
 )
-from whisperjax_cli.features import HOP_LENGTH, N_FRAMES, N_SAMPLES, log_mel_spectrogram
+from whisperjax_cli.features import HOP_LENGTH, N_FRAMES, N_SAMPLES, LogMelWindows
 from whisperjax_cli.results import Segment, Transcript
 
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
@@ -67,7 +67,7 @@ class _Stream:
 class _File:
     index: int
     source: Any
-    mel: np.ndarray  # [frames, n_mels], 30 s of zero audio appended
+    mel: LogMelWindows  # log-mel on demand, 30 s of zero audio appended (as OpenAI)
     content_frames: int
     language: Optional[str]
     language_probability: Optional[float]
@@ -104,13 +104,19 @@ def parse_clip_timestamps(clip_timestamps, content_frames: int) -> list[tuple[in
     return [(min(s, content_frames), min(e, content_frames)) for s, e in zip(frames[::2], frames[1::2])]
 
 
-def split_regions(mel: np.ndarray, start: int, end: int, min_len: int = 2000) -> list[tuple[int, int]]:
+def frame_energy(audio: np.ndarray) -> np.ndarray:
+    """Log power of each 10 ms frame (one value per mel frame), ``[len(audio) // 160]``."""
+    n = len(audio) // HOP_LENGTH
+    frames = audio[: n * HOP_LENGTH].reshape(n, HOP_LENGTH)
+    return np.log10(np.mean(frames.astype(np.float64) ** 2, axis=1) + 1e-10)
+
+
+def split_regions(energy: np.ndarray, start: int, end: int, min_len: int = 2000) -> list[tuple[int, int]]:
     """Cuts ``[start, end)`` into regions of at most one window, each ending at a quiet point.
 
-    The cut is the quietest 0.2 s (mean log-mel energy) between ``min_len`` and ``N_FRAMES``
-    frames after the region start, so words are rarely split.
+    The cut is the quietest 0.2 s (``energy`` per mel frame, smoothed) between ``min_len``
+    and ``N_FRAMES`` frames after the region start, so words are rarely split.
     """
-    energy = mel.mean(axis=1)
     smooth = np.convolve(energy, np.ones(20) / 20, mode="same")
     regions, pos = [], start
     while end - pos > N_FRAMES:
@@ -151,20 +157,21 @@ class Transcriber:
             audio = source  # already 16 kHz mono
         else:
             audio = load_audio(source, sample_rate)
-        mel = log_mel_spectrogram(audio, self.model.n_mels, padding=N_SAMPLES)
-        content_frames = mel.shape[0] - N_FRAMES
+        mel = LogMelWindows(audio, self.model.n_mels, padding=N_SAMPLES)
+        content_frames = mel.n_frames - N_FRAMES
         language, probability = self._language(mel, content_frames)
         tok = self.model.tokenizer
         sot = tok.sot_sequence_for(language, self.options.task) if tok.multilingual else tuple(tok.sot_sequence)
         clips = parse_clip_timestamps(self.clip_timestamps, content_frames)
         if self.mode == "batched":
-            clips = [r for s, e in clips for r in split_regions(mel, s, e)]
+            energy = frame_energy(audio)
+            clips = [r for s, e in clips for r in split_regions(energy, s, e)]
             streams = [_Stream(index, [c], list(self.initial_tokens)) for c in clips]
         else:
             streams = [_Stream(index, clips, list(self.initial_tokens))]
         return _File(index, source, mel, content_frames, language, probability, sot, streams)
 
-    def _language(self, mel: np.ndarray, content_frames: int) -> tuple[Optional[str], Optional[float]]:
+    def _language(self, mel: LogMelWindows, content_frames: int) -> tuple[Optional[str], Optional[float]]:
         tok = self.model.tokenizer
         if not tok.multilingual:
             return "en", None
@@ -173,9 +180,9 @@ class Transcriber:
         # The first window with zeros past the content, as faster-whisper does (OpenAI feeds the
         # log-mel of zero audio there instead). Like faster-whisper it keeps the frame centred
         # on the last sample too, so probabilities agree with it to ~1e-4.
-        window = np.zeros((1, N_FRAMES, mel.shape[1]), np.float32)
+        window = np.zeros((1, N_FRAMES, mel.n_mels), np.float32)
         n = min(N_FRAMES, content_frames + 1)
-        window[0, :n] = mel[:n]
+        window[0, :n] = mel.frames(0, n)
         codes, probs = detect_language_mel(self.model, window)
         best = int(np.argmax(probs[0]))
         return codes[best], float(probs[0, best])
@@ -189,8 +196,8 @@ class Transcriber:
         for s in streams:
             f = files[s.file]
             size = min(N_FRAMES, f.content_frames - s.seek, s.clip_end - s.seek)
-            window = np.zeros((N_FRAMES, f.mel.shape[1]), np.float32)
-            window[:size] = f.mel[s.seek : s.seek + size]
+            window = np.zeros((N_FRAMES, f.mel.n_mels), np.float32)
+            window[:size] = f.mel.frames(s.seek, s.seek + size)
             mels.append(window)
             prompt, tail = build_prompt(self.model.tokenizer, f.sot_sequence, s.prompt[s.prompt_reset_since :],
                                         self.options.without_timestamps, self.model.dims.n_text_ctx)
@@ -236,7 +243,7 @@ class Transcriber:
                 part = tokens[last:cut]
                 start = offset + (part[0] - ts_begin) * SECONDS_PER_TOKEN
                 end = offset + (part[-1] - ts_begin) * SECONDS_PER_TOKEN
-                segments.append(self._segment(seek, start, end, part, result))
+                segments.append(self._segment(seek, size, start, end, part, result))
                 last = cut
             advance = size if single_ending else int(tokens[last - 1] - ts_begin) * 2
         else:
@@ -244,14 +251,19 @@ class Transcriber:
             stamps = tokens[is_ts]
             if len(stamps) and stamps[-1] != ts_begin:
                 duration = (stamps[-1] - ts_begin) * SECONDS_PER_TOKEN
-            segments.append(self._segment(seek, offset, offset + duration, tokens, result))
+            segments.append(self._segment(seek, size, offset, offset + duration, tokens, result))
             advance = size
         return segments, advance
 
-    def _segment(self, seek, start, end, tokens: np.ndarray, result) -> Segment:
+    def _segment(self, seek, size, start, end, tokens: np.ndarray, result) -> Segment:
+        # Past the window's content the model sees zero padding and may still place timestamps
+        # there; clipping keeps every time inside the audio (and inside a batched region).
+        limit = (seek + size) / FRAMES_PER_SECOND
+        end = min(float(end), limit)
+        start = min(float(start), end)
         text_tokens = [int(t) for t in tokens if t < self.model.tokenizer.eot]
         return Segment(
-            id=0, seek=seek, start=round(float(start), 3), end=round(float(end), 3),
+            id=0, seek=seek, start=round(start, 3), end=round(end, 3),
             text=self.model.tokenizer.decode(text_tokens), tokens=[int(t) for t in tokens],
             temperature=result.temperature, avg_logprob=result.avg_logprob,
             compression_ratio=result.compression_ratio, no_speech_prob=result.no_speech_prob,

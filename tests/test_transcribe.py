@@ -1,0 +1,128 @@
+"""Long-form transcription: OpenAI's seek loop against faster-whisper, batched mode, options."""
+
+from __future__ import annotations
+
+import types
+
+import jax
+import numpy as np
+import pysubs2
+import pytest
+
+from conftest import CLIPS, faster_whisper_model
+from whisperjax_cli.transcribe import split_regions, transcribe, transcribe_files, transcribe_segments
+from whisperjax_cli.writers import get_writer
+
+
+@pytest.fixture(scope="module")
+def long_audio(clip_audio):
+    """Every English dev clip with 2 s pauses between them: ~52 s, two windows or more.
+
+    No pause after the last clip: a final window of a few frames of silence is where the two
+    implementations may hallucinate differently, which says nothing about the seek loop.
+    """
+    parts = []
+    for clip in CLIPS:
+        if "russian" not in clip.name:
+            parts += [clip_audio[clip.name], np.zeros(2 * 16000, np.float32)]
+    return np.concatenate(parts[:-1])
+
+
+@pytest.fixture(scope="module")
+def sequential(tiny_en, long_audio):
+    return transcribe(tiny_en, long_audio)
+
+
+def _check_times(result, duration):
+    last_start = 0.0
+    for s in result.segments:
+        assert 0 <= s.start <= s.end <= duration + 1e-6, s
+        assert s.start >= last_start, "segments go backwards"
+        last_start = s.start
+
+
+def test_sequential_long_form_matches_faster_whisper(tiny_en, long_audio, sequential):
+    fw = faster_whisper_model(tiny_en)
+    theirs = list(fw.transcribe(long_audio, beam_size=1)[0])
+    assert len(sequential.segments) == len(theirs)
+    for ours, ref in zip(sequential.segments, theirs):
+        assert abs(ours.start - ref.start) <= 0.5, (ours, ref)
+        assert ours.text.strip() == ref.text.strip()
+    _check_times(sequential, len(long_audio) / 16000)
+    assert sequential.segments[-1].seek > 0  # more than one window
+
+
+def test_segment_starts_within_half_a_second_of_faster_whisper_on_every_clip(tiny_en, clip_audio):
+    fw = faster_whisper_model(tiny_en)
+    for clip in CLIPS:
+        audio = clip_audio[clip.name]
+        ours = transcribe(tiny_en, audio).segments
+        theirs = list(fw.transcribe(audio, beam_size=1)[0])
+        assert len(ours) == len(theirs), clip.name
+        for a, b in zip(ours, theirs):
+            assert abs(a.start - b.start) <= 0.5, (clip.name, a, b)
+
+
+def test_batched_mode_keeps_the_words_and_the_order(tiny_en, long_audio, sequential):
+    batched = transcribe(tiny_en, long_audio, mode="batched", batch_size=4)
+    _check_times(batched, len(long_audio) / 16000)
+    words = lambda r: [w.strip(".,").lower() for w in r.text.split()]  # noqa: E731
+    ref, got = words(sequential), words(batched)
+    missing = sum(1 for w in set(ref) if w not in got)
+    assert missing <= 2, (ref, got)
+    assert [s.id for s in batched.segments] == list(range(len(batched.segments)))
+
+
+def test_split_regions_cut_at_quiet_points():
+    rng = np.random.default_rng(0)
+    energy = rng.uniform(0, 1, 9000)
+    energy[2500:2520] = -5  # a pause
+    regions = split_regions(energy, 0, 9000)
+    assert regions[0] == (0, regions[0][1]) and 2500 <= regions[0][1] <= 2520
+    assert all(0 < e - s <= 3000 for s, e in regions)
+    assert [r[0] for r in regions[1:]] == [r[1] for r in regions[:-1]] and regions[-1][1] == 9000
+
+
+def test_segments_are_a_lazy_generator(tiny_en, long_audio, sequential):
+    segments = transcribe_segments(tiny_en, long_audio)
+    assert isinstance(segments, types.GeneratorType)
+    first = next(segments)
+    assert first.text == sequential.segments[0].text
+    assert [first.text, *(s.text for s in segments)] == [s.text for s in sequential.segments]
+
+
+def test_many_files_in_one_batch_equal_one_by_one(tiny_en, clip_audio, sequential, long_audio):
+    sources = [clip_audio["goforward.flac"], long_audio, clip_audio["something.wav"]]
+    done = {e.index: e.transcript for e in transcribe_files(tiny_en, sources, batch_size=4) if e.transcript}
+    assert done[1].text == sequential.text
+    assert done[0].text == transcribe(tiny_en, clip_audio["goforward.flac"]).text
+
+
+def test_clip_timestamps_restrict_the_window(tiny_en, long_audio):
+    result = transcribe(tiny_en, long_audio, clip_timestamps="20,30")
+    assert result.segments and all(20 <= s.start and s.end <= 30 for s in result.segments)
+
+
+def test_temperature_fallback_samples_with_an_explicit_key(tiny_en, clip_audio):
+    audio = clip_audio["cards-005.flac"]
+    # A compression-ratio threshold of 0 rejects every decode, so the last temperature wins.
+    opts = dict(temperature=(0.0, 0.5), compression_ratio_threshold=0.0, best_of=2)
+    a = transcribe(tiny_en, audio, key=jax.random.PRNGKey(1), **opts)
+    b = transcribe(tiny_en, audio, key=jax.random.PRNGKey(1), **opts)
+    assert a.segments[0].temperature == 0.5 and a.text == b.text
+
+
+def test_initial_prompt_is_used(tiny_en, clip_audio):
+    audio = clip_audio["cards-002.flac"]
+    plain = transcribe(tiny_en, audio).text
+    prompted = transcribe(tiny_en, audio, initial_prompt="Four, queen of clubs.").text
+    assert plain != prompted
+
+
+def test_real_srt_and_vtt_parse_back(sequential):
+    for fmt in ("srt", "vtt"):
+        subs = pysubs2.SSAFile.from_string(get_writer(fmt).render(sequential), format_=fmt)
+        assert len(subs) == len(sequential.segments)
+        for event, seg in zip(subs, sequential.segments):
+            assert event.start == round(seg.start * 1000) and event.end == round(seg.end * 1000)
+            assert event.plaintext.strip() == seg.text.strip()
