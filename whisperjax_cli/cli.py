@@ -163,13 +163,16 @@ def runtime_options(fn):
     return fn
 
 
-def load_for_cli(model: str, device, dtype, threads, no_compile_cache):
-    """Sets up JAX (threads, device, compile cache) and loads ``model``; ModelError on failure."""
+def load_for_cli(model: str, device, dtype, threads, no_compile_cache, loader: Optional[Callable] = None):
+    """Sets up JAX (threads, device, compile cache), then ``loader(model, dtype=dtype)``.
+
+    ``loader`` defaults to :func:`whisperjax_cli.models.load_model`; failures become ModelError.
+    """
     from whisperjax_cli import models, runtime
 
     runtime.configure(device, threads, compile_cache=not runtime.compile_cache_disabled(no_compile_cache))
     try:
-        return models.load_model(model, dtype=dtype)
+        return (loader or models.load_model)(model, dtype=dtype)
     except WjxError:
         raise
     except (OSError, ValueError) as err:
@@ -635,6 +638,7 @@ def convert_model(source: str, destination: Path, dtype: str = "float32") -> Pat
 
 # ---------------------------------------------------------------- classify
 # `wjx classify` (language ID / audio classification) is registered here, against
-# whisperjax_cli/classify.py: decorate it with @cli.command() and @runtime_options, load the
-# model with load_for_cli(...), and run its body through run_guarded(debug, ...) so that it
-# shares the exit codes and one-line errors above.
+# whisperjax_cli/classify.py: decorate it with @cli.command() and @runtime_options, take inputs
+# with collect_inputs(...) and Input.loader(), load the model with
+# load_for_cli(..., loader=classify.load_classify_model), and run its body through
+# run_guarded(debug, ...) so that it shares the exit codes and one-line errors above.
