@@ -12,7 +12,7 @@ _LAZY = {
     "transcribe": "whisperjax_cli.transcribe",
     "load_audio": "whisperjax_cli.audio",
     "log_mel_spectrogram": "whisperjax_cli.features",
-    "detect_language": "whisperjax_cli.transcribe",
+    "detect_language": "whisperjax_cli.classify",
     "classify": "whisperjax_cli.classify",
 }
 

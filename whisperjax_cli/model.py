@@ -23,11 +23,13 @@ _NEG_INF = -1e9  # added to masked attention scores; finite so fully-masked rows
 
 @flax.struct.dataclass
 class KVCache:
-    """Per-layer key/value buffers for the decoder, all ``[batch, length, n_text_state]``.
+    """Per-layer key/value buffers for the decoder, head-major ``[batch, heads, length, head_dim]``.
 
     ``self_k``/``self_v`` have ``length`` = the decode buffer length (static) and are written
     at the current index; ``cross_k``/``cross_v`` have ``length`` = ``n_audio_ctx`` and are
-    written once per audio window.
+    written once per audio window. Head-major storage lets each step's attention read the
+    buffers in place; a ``[batch, length, state]`` layout made XLA transpose every layer's
+    audio keys and values at every token.
     """
 
     self_k: tuple[Array, ...]
@@ -37,7 +39,7 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        return self.self_k[0].shape[1]
+        return self.self_k[0].shape[2]
 
 
 def init_cache(dims: ModelDimensions, cross_kv: tuple, length: int, dtype=jnp.float32) -> KVCache:
@@ -51,9 +53,8 @@ def init_cache(dims: ModelDimensions, cross_kv: tuple, length: int, dtype=jnp.fl
     """
     keys, values = cross_kv
     batch = keys[0].shape[0]
-    zeros = tuple(
-        jnp.zeros((batch, length, dims.n_text_state), dtype) for _ in range(dims.n_text_layer)
-    )
+    shape = (batch, dims.n_text_head, length, dims.n_text_state // dims.n_text_head)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(dims.n_text_layer))
     return KVCache(self_k=zeros, self_v=zeros, cross_k=tuple(keys), cross_v=tuple(values))
 
 
@@ -65,27 +66,32 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Arr
     return jnp.concatenate([jnp.sin(scaled_time), jnp.cos(scaled_time)], axis=1)
 
 
-def attention(q: Array, k: Array, v: Array, n_head: int, mask: Optional[Array]) -> Array:
-    """Scaled dot-product attention over heads.
+def split_heads(x: Array, n_head: int) -> Array:
+    """``[batch, len, state]`` -> ``[batch, heads, len, head_dim]``."""
+    b, t, d = x.shape
+    return x.reshape(b, t, n_head, d // n_head).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: Array) -> Array:
+    """``[batch, heads, len, head_dim]`` -> ``[batch, len, state]``."""
+    b, h, t, dh = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, t, h * dh)
+
+
+def attention(q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array:
+    """Scaled dot-product attention, head-major.
 
     Args:
-      q: ``[batch, q_len, state]``; k, v: ``[batch, kv_len, state]``.
+      q: ``[batch, heads, q_len, head_dim]``; k, v: ``[batch, heads, kv_len, head_dim]``.
       mask: boolean ``[batch, q_len, kv_len]`` (True = attend) or None.
     Returns:
       ``[batch, q_len, state]``.
     """
-    b, t, d = q.shape
-    s = k.shape[1]
-    head_dim = d // n_head
-    q = q.reshape(b, t, n_head, head_dim)  # [batch, q_len, heads, head_dim]
-    k = k.reshape(b, s, n_head, head_dim)  # [batch, kv_len, heads, head_dim]
-    v = v.reshape(b, s, n_head, head_dim)
-    scores = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * head_dim**-0.5
+    scores = jnp.einsum("bhtd,bhsd->bhts", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
     if mask is not None:
         scores = jnp.where(mask[:, None, :, :], scores, _NEG_INF)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [batch, heads, q_len, kv_len]
-    out = jnp.einsum("bhts,bshd->bthd", weights, v)
-    return out.reshape(b, t, d)
+    return merge_heads(jnp.einsum("bhts,bhsd->bhtd", weights, v))
 
 
 class MultiHeadAttention(nn.Module):
@@ -100,27 +106,30 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Dense(self.n_state, dtype=self.dtype)
 
     def project_kv(self, x: Array) -> tuple[Array, Array]:
-        """Keys and values of ``x`` ``[batch, len, state]`` (what the cache stores)."""
-        return self.key(x), self.value(x)
+        """Keys and values of ``x`` ``[batch, len, state]``, head-major (what the cache stores)."""
+        return split_heads(self.key(x), self.n_head), split_heads(self.value(x), self.n_head)
+
+    def _query(self, x: Array) -> Array:
+        return split_heads(self.query(x), self.n_head)
 
     def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
         """Unmasked or masked self-attention without a cache (the encoder)."""
         k, v = self.project_kv(x)
-        return self.out(attention(self.query(x), k, v, self.n_head, mask))
+        return self.out(attention(self._query(x), k, v, mask))
 
     def cached(self, x: Array, k_buf: Array, v_buf: Array, index: Array, mask: Array):
         """Self-attention that writes this step's keys/values into the buffers at ``index``.
 
         Returns ``(out, k_buf, v_buf)`` with the updated buffers.
         """
-        k, v = self.project_kv(x)
-        k_buf = jax.lax.dynamic_update_slice(k_buf, k.astype(k_buf.dtype), (0, index, 0))
-        v_buf = jax.lax.dynamic_update_slice(v_buf, v.astype(v_buf.dtype), (0, index, 0))
-        return self.out(attention(self.query(x), k_buf, v_buf, self.n_head, mask)), k_buf, v_buf
+        k, v = self.project_kv(x)  # [batch, heads, q_len, head_dim]
+        k_buf = jax.lax.dynamic_update_slice(k_buf, k.astype(k_buf.dtype), (0, 0, index, 0))
+        v_buf = jax.lax.dynamic_update_slice(v_buf, v.astype(v_buf.dtype), (0, 0, index, 0))
+        return self.out(attention(self._query(x), k_buf, v_buf, mask)), k_buf, v_buf
 
     def cross(self, x: Array, k: Array, v: Array) -> Array:
         """Attention to precomputed audio keys/values (never recomputed per token)."""
-        return self.out(attention(self.query(x), k, v, self.n_head, None))
+        return self.out(attention(self._query(x), k, v, None))
 
 
 class ResidualAttentionBlock(nn.Module):

@@ -104,6 +104,18 @@ def parse_clip_timestamps(clip_timestamps, content_frames: int) -> list[tuple[in
     return [(min(s, content_frames), min(e, content_frames)) for s, e in zip(frames[::2], frames[1::2])]
 
 
+SILENCE_PEAK = 10 ** (-80 / 20)  # -80 dBFS: below any recording's noise floor
+
+
+def is_digital_silence(samples: np.ndarray) -> bool:
+    """True when a window's audio never rises above -80 dBFS (zeros, or dithering at most).
+
+    Whisper reads such windows as speech often enough (" you", " Thank you.") with a
+    log probability that OpenAI's no-speech rule accepts; they are skipped without decoding.
+    """
+    return samples.size == 0 or float(np.max(np.abs(samples))) < SILENCE_PEAK
+
+
 def frame_energy(audio: np.ndarray) -> np.ndarray:
     """Log power of each 10 ms frame (one value per mel frame), ``[len(audio) // 160]``."""
     n = len(audio) // HOP_LENGTH
@@ -191,6 +203,7 @@ class Transcriber:
 
     def step(self, files: dict[int, _File], streams: list[_Stream]) -> None:
         """Decodes the next window of each stream (one batch) and advances them."""
+        streams = [s for s in streams if not self._skip_if_silent(files[s.file], s)]
         mels, prompts, sizes = [], [], []
         tail = None
         for s in streams:
@@ -203,11 +216,22 @@ class Transcriber:
                                         self.options.without_timestamps, self.model.dims.n_text_ctx)
             prompts.append(prompt)
             sizes.append(size)
+        if not streams:
+            return
         audio = self.decoder.encode(np.stack(mels))
         self.key, sub = jax.random.split(self.key)
         results = self.decoder.decode(audio, len(streams), prompts, tail, sub)
         for s, size, result in zip(streams, sizes, results):
             self._advance(s, size, result)
+
+    def _skip_if_silent(self, f: _File, s: _Stream) -> bool:
+        """Moves past a window of digital silence without decoding it (see is_digital_silence)."""
+        size = min(N_FRAMES, f.content_frames - s.seek, s.clip_end - s.seek)
+        if not is_digital_silence(f.mel.audio[s.seek * HOP_LENGTH : (s.seek + size) * HOP_LENGTH]):
+            return False
+        s.seek += size
+        s._advance()
+        return True
 
     def _advance(self, s: _Stream, size: int, result) -> None:
         """OpenAI's per-window bookkeeping: skip silence, cut segments, move ``seek``."""

@@ -367,12 +367,13 @@ def write_flax_msgpack(state: dict[str, np.ndarray], path: Path) -> None:
     flat = {}
     for name, value in state.items():
         *parents, leaf = name.split(".")
-        norm = parents[-1].endswith(("layer_norm", "_ln")) or parents[-1] == "layer_norm"
+        owner = parents[-1] if parents else ""  # top-level tensors (e.g. layer_weights) keep their name
+        norm = owner.endswith(("layer_norm", "_ln"))
         if leaf == "weight":
-            if value.ndim in (2, 3) and not parents[-1].startswith(("embed_",)):
+            if value.ndim in (2, 3) and not owner.startswith("embed_"):
                 value = value.T if value.ndim == 2 else value.transpose(2, 1, 0)
                 leaf = "kernel"
-            elif parents[-1].startswith("embed_"):
+            elif owner.startswith("embed_"):
                 leaf = "embedding"
             elif norm:
                 leaf = "scale"
