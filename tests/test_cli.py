@@ -465,8 +465,8 @@ def test_help_and_usage_errors_do_not_import_jax():
 
 
 def test_pipes_stdin_jsonl_and_the_compile_cache(tmp_path):
-    """Real processes: JSON through a pipe, jsonl streamed from stdin; the second process
-    finds every compiled program in the persistent cache (writes no new entry)."""
+    """Real processes: JSON through a pipe, jsonl streamed from stdin (next to a missing file);
+    the second process finds every compiled program in the persistent cache (no new entry)."""
     env = _wjx_env(WJX_CACHE_DIR=str(tmp_path / "cache"))
     cache = tmp_path / "cache" / "jax"
     clip = tmp_path / "a.flac"
@@ -483,10 +483,11 @@ def test_pipes_stdin_jsonl_and_the_compile_cache(tmp_path):
     assert any(name.startswith("jit_decode_window") for name in entries)
 
     t0 = time.perf_counter()
-    proc = subprocess.run(f"cat {clip} | {_python_wjx('transcribe', '-', '-f', 'jsonl', '-o', '-')}", shell=True,
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    proc = subprocess.run(f"cat {clip} | {_python_wjx('transcribe', '-', 'gone.wav', '-f', 'jsonl', '-o', '-')}",
+                          shell=True, capture_output=True, text=True, env=env, cwd=tmp_path)
     warm = time.perf_counter() - t0
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1  # gone.wav; the exit code survives main()'s fast exit
+    assert proc.stderr == "wjx: gone.wav: no such file\n"
     records = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [(r["file"], r["text"]) for r in records] == [("-", " Go forward 10 meters.")]
     assert sorted(p.name for p in cache.iterdir()) == entries, "the warm run compiled something again"

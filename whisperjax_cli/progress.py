@@ -30,14 +30,13 @@ class Reporter:
       labels: how each input is named in messages.
       show_progress: draw rich progress bars (the caller decides: stderr is a TTY, not quiet).
       verbose: print each segment as it is decoded.
-      quiet: drop notes (skipped inputs, the summary); errors are always printed.
       stream: where to write; stderr by default.
     """
 
     def __init__(self, labels: Sequence[str], *, show_progress: bool = False, verbose: bool = False,
-                 quiet: bool = False, stream: Optional[TextIO] = None):
+                 stream: Optional[TextIO] = None):
         self.labels = list(labels)
-        self.verbose, self.quiet = verbose, quiet
+        self.verbose = verbose
         self.stream = stream if stream is not None else sys.stderr
         self._bars = _Bars(self.labels, self.stream) if show_progress and self.labels else None
 
@@ -59,11 +58,6 @@ class Reporter:
     def error(self, message: str) -> None:
         """``wjx: <message>``, always shown."""
         self._print(f"wjx: {message}")
-
-    def note(self, message: str) -> None:
-        """``wjx: <message>``, unless quiet."""
-        if not self.quiet:
-            self._print(f"wjx: {message}")
 
     def progress(self, index: int, done: float, total: float) -> None:
         """The transcriber's callback: ``done`` of ``total`` audio seconds of input ``index``."""
