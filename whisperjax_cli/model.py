@@ -231,7 +231,11 @@ class TextDecoder(nn.Module):
 
     def setup(self):
         d = self.dims
-        self.token_embedding = nn.Embed(d.n_vocab, d.n_text_state, dtype=self.dtype)
+        # [state, vocab]: stored transposed so that the tied output projection, the costliest
+        # matmul of a decode step, reads it in order; a lookup gathers a few columns.
+        self.token_embedding = self.param(
+            "token_embedding", nn.initializers.normal(0.02), (d.n_text_state, d.n_vocab)
+        )
         self.positional_embedding = self.param(
             "positional_embedding", nn.initializers.normal(0.01), (d.n_text_ctx, d.n_text_state)
         )
@@ -262,7 +266,9 @@ class TextDecoder(nn.Module):
         pad = jnp.zeros((batch,), jnp.int32) if pad is None else pad
         query_slots = index + jnp.arange(q_len)  # [q_len]
         positions = jnp.clip(query_slots[None, :] - pad[:, None], 0, self.dims.n_text_ctx - 1)
-        x = self.token_embedding(tokens) + self.positional_embedding[positions].astype(self.dtype)
+        embedding = self.token_embedding.astype(self.dtype)
+        x = jnp.take(embedding, tokens, axis=1).transpose(1, 2, 0)  # [batch, q_len, state]
+        x = x + self.positional_embedding[positions].astype(self.dtype)
         slots = jnp.arange(cache.length)  # [length]
         # [batch, q_len, length]: causal over the buffer, and never a left-padding slot.
         mask = (slots[None, None, :] <= query_slots[None, :, None]) & (slots[None, None, :] >= pad[:, None, None])
@@ -274,7 +280,7 @@ class TextDecoder(nn.Module):
             new_k.append(k)
             new_v.append(v)
         x = self.ln(x)
-        logits = self.token_embedding.attend(x).astype(jnp.float32)  # tied output projection
+        logits = (x @ embedding).astype(jnp.float32)  # tied output projection [batch, q_len, vocab]
         return logits, cache.replace(self_k=tuple(new_k), self_v=tuple(new_v))
 
 

@@ -75,7 +75,7 @@ def name_table(dims: ModelDimensions) -> list[tuple[str, str, str]]:
     """Every parameter of :class:`~whisperjax_cli.model.Whisper` and where it comes from."""
     rows = encoder_table(dims)
     rows += [
-        ("decoder/token_embedding/embedding", "model.decoder.embed_tokens.weight", "copy"),
+        ("decoder/token_embedding", "model.decoder.embed_tokens.weight", "linear"),  # kept [state, vocab]
         ("decoder/positional_embedding", "model.decoder.embed_positions.weight", "copy"),
     ]
     for i in range(dims.n_text_layer):
@@ -151,7 +151,7 @@ def params_from_state(
                 source, f"tensor '{theirs}' has shape {value.shape}, expected {tuple(shapes[theirs])}"
             )
         flat[ours] = _TO_FLAX[kind](value)
-    if proj is not None and proj.shape != flat["decoder/token_embedding/embedding"].shape:
+    if proj is not None and proj.shape[::-1] != flat["decoder/token_embedding"].shape:
         raise ModelError(source, "tensor 'proj_out.weight' does not match the token embedding")
     if strict_unused and state:
         raise ModelError(source, f"unexpected tensors: {', '.join(sorted(state)[:5])}")
