@@ -105,3 +105,17 @@ def test_bfloat16_compute_keeps_float32_logits():
     ref = Whisper(dims).apply({"params": params}, mel, jnp.array([[1, 2], [3, 4]]))
     assert logits.dtype == jnp.float32
     np.testing.assert_allclose(logits, ref, atol=0.15)
+
+
+def test_rows_sharing_an_audio_equal_repeating_it():
+    """Beams/samples grouped on one audio's cross keys/values give the repeated-audio logits."""
+    dims, model, params, mel = _tiny_random()
+    audio = model.apply({"params": params}, mel, method=Whisper.encode)  # 2 audios
+    tokens = jnp.array([[1, 5], [2, 6], [3, 7], [4, 8], [5, 9], [6, 10]], jnp.int32)  # 3 rows per audio
+    grouped = init_cache(dims, model.apply({"params": params}, audio, method=Whisper.cross_kv), 4, group=3)
+    repeated_audio = jnp.repeat(audio, 3, axis=0)
+    repeated = init_cache(dims, model.apply({"params": params}, repeated_audio, method=Whisper.cross_kv), 4)
+    a, _ = model.apply({"params": params}, tokens, grouped, jnp.int32(0), method=Whisper.decode)
+    b, _ = model.apply({"params": params}, tokens, repeated, jnp.int32(0), method=Whisper.decode)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert grouped.cross_k[0].shape[0] == 2 and grouped.self_k[0].shape[0] == 6

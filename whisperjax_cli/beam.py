@@ -243,9 +243,9 @@ def beam_search_window(
 ) -> DecodeOutput:
     """Beam-search decodes a batch of audio windows; ``decoding.decode_window``'s convention.
 
-    The prompt is prefilled once per audio row; its cross-attention keys/values are repeated once
-    per beam and held constant, so the loop's cache (gathered on every reorder) is only the
-    self-attention buffers.
+    The prompt is prefilled once per audio row; the beams of a row share its cross-attention
+    keys/values (held constant, read once per step for all beams), so the loop's cache (gathered
+    on every reorder) is only the self-attention buffers.
 
     Args:
       module: the model (static).
@@ -267,9 +267,9 @@ def beam_search_window(
         sot_logits = jax.lax.dynamic_index_in_dim(logits, sot_index, axis=1, keepdims=False)
         no_speech_prob = jax.nn.softmax(sot_logits, axis=-1)[:, config.no_speech]
 
-    repeat = lambda x: jnp.repeat(x, beam_size, axis=0)  # noqa: E731
-    cross_k, cross_v = tuple(map(repeat, cache.cross_k)), tuple(map(repeat, cache.cross_v))
-    beam_pad = repeat(pad)
+    # Beams of one audio share its cross-attention keys/values (the model groups rows by audio).
+    cross_k, cross_v = cache.cross_k, cache.cross_v
+    beam_pad = jnp.repeat(pad, beam_size, axis=0)
 
     def step(token, self_kv, index):
         full = KVCache(self_k=self_kv[0], self_v=self_kv[1], cross_k=cross_k, cross_v=cross_v)

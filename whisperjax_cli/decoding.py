@@ -126,7 +126,7 @@ def _model_step(module: Whisper, params, pad: Array):
     return step
 
 
-@functools.partial(jax.jit, static_argnames=("module", "config"))
+@functools.partial(jax.jit, static_argnames=("module", "config", "group"))
 def decode_window(
     module: Whisper,
     params,
@@ -139,13 +139,16 @@ def decode_window(
     temperature: Array,
     key: Array,
     config: LoopConfig,
+    group: int = 1,
 ) -> DecodeOutput:
     """Decodes a batch of audio windows after their (left-padded) prompts.
 
     Args:
       module: the model (static).
-      audio: encoder output ``[batch, n_audio_ctx, state]``.
-      prompt: int32 ``[batch, prompt_len]``, left-padded; ends with the sot sequence.
+      audio: encoder output ``[audio, n_audio_ctx, state]``.
+      prompt: int32 ``[batch, prompt_len]`` with ``batch = audio * group`` rows (``group``
+        consecutive rows per audio, e.g. best-of samples), left-padded; ends with the sot
+        sequence.
       pad: int32 ``[batch]`` left-padding per row.
       sot_index: int32 scalar, the slot of start-of-transcript (for the no-speech probability).
       suppress_mask, begin_mask: bool ``[vocab]``.
@@ -154,7 +157,7 @@ def decode_window(
     """
     batch, prompt_len = prompt.shape
     cross = module.apply({"params": params}, audio, method=Whisper.cross_kv)
-    cache = init_cache(module.dims, cross, prompt_len + config.sample_len, module.dtype)
+    cache = init_cache(module.dims, cross, prompt_len + config.sample_len, module.dtype, group)
     logits, cache = module.apply({"params": params}, prompt, cache, jnp.int32(0), pad, method=Whisper.decode)
     if config.no_speech is None:
         no_speech_prob = jnp.zeros((batch,), jnp.float32)
@@ -352,14 +355,12 @@ class WindowDecoder:
 
     def _decode_rows(self, audio, rows, prompts, tail, temperature, key) -> list[DecodingResult]:
         opts = self.options
-        repeat = 1
-        if temperature > 0 and opts.best_of:
-            repeat = opts.best_of
-        index = np.repeat(np.asarray(rows), repeat)
-        size = bucket(len(index), BATCH_BUCKETS) if len(index) <= BATCH_BUCKETS[-1] else len(index)
-        gather = np.concatenate([index, np.full(size - len(index), index[0])])
+        # best-of samples of one window are consecutive rows sharing its audio (a group).
+        repeat = opts.best_of if temperature > 0 and opts.best_of else 1
+        size = bucket(len(rows), BATCH_BUCKETS) if len(rows) <= BATCH_BUCKETS[-1] else len(rows)
+        gather = np.asarray(rows + [rows[0]] * (size - len(rows)))
         prompt_len = bucket(max(len(p) for p in prompts), PROMPT_BUCKETS)
-        padded, pad = left_pad([p for p in prompts for _ in range(repeat)] + [prompts[0]] * (size - len(index)),
+        padded, pad = left_pad([p for p in prompts + [prompts[0]] * (size - len(rows)) for _ in range(repeat)],
                                prompt_len, self.tokenizer.eot)
         args = (self.model.module, self.model.params, audio[jnp.asarray(gather)], jnp.asarray(padded),
                 jnp.asarray(pad), jnp.int32(prompt_len - tail), self.suppress_mask, self.begin_mask)
@@ -369,9 +370,9 @@ class WindowDecoder:
             out = beam_search_window(*args, self.config, opts.beam_size, opts.patience, opts.length_penalty)
         else:
             config = dataclasses.replace(self.config, sample=temperature > 0)
-            out = decode_window(*args, jnp.float32(temperature), key, config)
+            out = decode_window(*args, jnp.float32(temperature), key, config, repeat)
         tokens, sums, no_speech = jax.device_get((out.tokens, out.sum_logprobs, out.no_speech_prob))
-        results = [self._result(tokens[j], sums[j], no_speech[j], temperature) for j in range(len(index))]
+        results = [self._result(tokens[j], sums[j], no_speech[j], temperature) for j in range(len(rows) * repeat)]
         return [self._best(results[k * repeat : (k + 1) * repeat]) for k in range(len(rows))]
 
     def _result(self, tokens: np.ndarray, sum_logprob: float, no_speech: float, temperature: float):

@@ -42,7 +42,7 @@ class KVCache:
         return self.self_k[0].shape[2]
 
 
-def init_cache(dims: ModelDimensions, cross_kv: tuple, length: int, dtype=jnp.float32) -> KVCache:
+def init_cache(dims: ModelDimensions, cross_kv: tuple, length: int, dtype=jnp.float32, group: int = 1) -> KVCache:
     """Makes an empty self-attention cache next to precomputed cross-attention keys/values.
 
     Args:
@@ -50,9 +50,10 @@ def init_cache(dims: ModelDimensions, cross_kv: tuple, length: int, dtype=jnp.fl
       cross_kv: ``(keys, values)`` tuples per layer from :meth:`Whisper.cross_kv`.
       length: static length of the self-attention buffers (prompt + tokens to sample).
       dtype: buffer dtype (the compute dtype).
+      group: decoder rows per audio (beams or samples share one audio's keys and values).
     """
     keys, values = cross_kv
-    batch = keys[0].shape[0]
+    batch = keys[0].shape[0] * group
     shape = (batch, dims.n_text_head, length, dims.n_text_state // dims.n_text_head)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(dims.n_text_layer))
     return KVCache(self_k=zeros, self_v=zeros, cross_k=tuple(keys), cross_v=tuple(values))
@@ -152,8 +153,21 @@ class MultiHeadAttention(nn.Module):
         return self.out(attention(self._query(x), k_buf, v_buf, mask)), k_buf, v_buf
 
     def cross(self, x: Array, k: Array, v: Array) -> Array:
-        """Attention to precomputed audio keys/values (never recomputed per token)."""
-        return self.out(attention(self._query(x), k, v, None))
+        """Attention to precomputed audio keys/values (never recomputed per token).
+
+        ``x`` may hold several rows per audio (beams, or best-of samples): ``[audio * group,
+        q_len, state]`` against ``k``/``v`` of ``[audio, heads, n_audio_ctx, head_dim]``. The
+        group's queries are stacked as extra query positions, so each audio's keys and values
+        are read once per step instead of once per row.
+        """
+        q = self._query(x)  # [rows, heads, q_len, head_dim]
+        rows, h, t, dh = q.shape
+        group = rows // k.shape[0]
+        if group == 1:
+            return self.out(attention(q, k, v, None))
+        q = q.reshape(k.shape[0], group, h, t, dh).transpose(0, 2, 1, 3, 4).reshape(k.shape[0], h, group * t, dh)
+        out = attention(q, k, v, None)  # [audio, group * q_len, state]
+        return self.out(out.reshape(k.shape[0], group * t, -1).reshape(rows, t, -1))
 
 
 class ResidualAttentionBlock(nn.Module):
