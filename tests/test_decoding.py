@@ -117,3 +117,14 @@ def test_silence_gives_no_text(tiny_en):
     for audio in (np.zeros(30 * 16000, np.float32), (rng.standard_normal(30 * 16000) * 1e-3).astype(np.float32)):
         result = transcribe(tiny_en, audio)
         assert result.text.strip() == "" and result.segments == []
+
+
+def test_inverse_cdf_sampling_follows_the_softmax_and_never_draws_masked_ids():
+    from whisperjax_cli.decoding import sample_categorical
+
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.2, 0.0]] * 4000))  # id 3 is masked (-inf)
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+    draws = np.concatenate([np.asarray(sample_categorical(k, logits)) for k in keys])
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    np.testing.assert_allclose(freq[:3], [0.5, 0.3, 0.2], atol=0.01)
+    assert freq[3] == 0
