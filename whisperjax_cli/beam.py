@@ -22,7 +22,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from whisperjax_cli.decoding import DecodeOutput, LoopConfig, filter_logits
+from whisperjax_cli.decoding import DecodeOutput, LoopConfig, filter_logits, prefill
 from whisperjax_cli.model import KVCache, Whisper, init_cache
 
 Array = jax.Array
@@ -260,12 +260,7 @@ def beam_search_window(
     batch, prompt_len = prompt.shape
     cross = module.apply({"params": params}, audio, method=Whisper.cross_kv)
     cache = init_cache(module.dims, cross, prompt_len + config.sample_len, module.dtype)
-    logits, cache = module.apply({"params": params}, prompt, cache, jnp.int32(0), pad, method=Whisper.decode)
-    if config.no_speech is None:
-        no_speech_prob = jnp.zeros((batch,), jnp.float32)
-    else:
-        sot_logits = jax.lax.dynamic_index_in_dim(logits, sot_index, axis=1, keepdims=False)
-        no_speech_prob = jax.nn.softmax(sot_logits, axis=-1)[:, config.no_speech]
+    last_logits, cache, no_speech_prob = prefill(module, params, prompt, cache, pad, sot_index, config)
 
     # Beams of one audio share its cross-attention keys/values (the model groups rows by audio).
     cross_k, cross_v = cache.cross_k, cache.cross_v
@@ -278,7 +273,7 @@ def beam_search_window(
 
     buffer = jnp.concatenate([prompt, jnp.full((batch, config.sample_len), config.eot, jnp.int32)], axis=1)
     tokens, sum_logprobs = beam_search(
-        step, buffer, logits[:, -1], (cache.self_k, cache.self_v), jnp.int32(prompt_len),
+        step, buffer, last_logits, (cache.self_k, cache.self_v), jnp.int32(prompt_len),
         suppress_mask, begin_mask, config, beam_size, patience, length_penalty,
     )
     return DecodeOutput(tokens, sum_logprobs, no_speech_prob)

@@ -139,6 +139,20 @@ def _model_step(module: Whisper, params, pad: Array):
     return step
 
 
+def prefill(module: Whisper, params, prompt: Array, cache: KVCache, pad: Array, sot_index: Array,
+            config: LoopConfig) -> tuple[Array, KVCache, Array]:
+    """Runs the prompt through the cache; returns the next logits, the cache and the
+    no-speech probability (read at start-of-transcript, as OpenAI). Only those two positions
+    are projected onto the vocabulary."""
+    at = jnp.stack([jnp.asarray(sot_index, jnp.int32), jnp.int32(prompt.shape[1] - 1)])
+    logits, cache = module.apply({"params": params}, prompt, cache, jnp.int32(0), pad, at, method=Whisper.decode)
+    if config.no_speech is None:
+        no_speech_prob = jnp.zeros((prompt.shape[0],), jnp.float32)
+    else:
+        no_speech_prob = jax.nn.softmax(logits[:, 0], axis=-1)[:, config.no_speech]
+    return logits[:, 1], cache, no_speech_prob
+
+
 @functools.partial(jax.jit, static_argnames=("module", "config", "group"))
 def decode_window(
     module: Whisper,
@@ -171,16 +185,11 @@ def decode_window(
     batch, prompt_len = prompt.shape
     cross = module.apply({"params": params}, audio, method=Whisper.cross_kv)
     cache = init_cache(module.dims, cross, prompt_len + config.sample_len, module.dtype, group)
-    logits, cache = module.apply({"params": params}, prompt, cache, jnp.int32(0), pad, method=Whisper.decode)
-    if config.no_speech is None:
-        no_speech_prob = jnp.zeros((batch,), jnp.float32)
-    else:
-        sot_logits = jax.lax.dynamic_index_in_dim(logits, sot_index, axis=1, keepdims=False)
-        no_speech_prob = jax.nn.softmax(sot_logits, axis=-1)[:, config.no_speech]
+    last_logits, cache, no_speech_prob = prefill(module, params, prompt, cache, pad, sot_index, config)
     state = LoopState(
         tokens=jnp.concatenate([prompt, jnp.full((batch, config.sample_len), config.eot, jnp.int32)], axis=1),
         cur=jnp.int32(prompt_len),
-        logits=logits[:, -1],
+        logits=last_logits,
         cache=cache,
         sum_logprobs=jnp.zeros((batch,), jnp.float32),
         done=jnp.zeros((batch,), bool),
@@ -307,6 +316,40 @@ def build_prompt(tokenizer, sot_sequence, previous: list[int], without_timestamp
     return tokens + tail, len(tail)
 
 
+_UNUSED_KEY = np.zeros((2,), np.uint32)  # the key argument of greedy decoding, never read
+
+
+class LazyKey:
+    """A PRNG key whose splits are replayed only when a key is drawn from.
+
+    OpenAI's loop splits a key for every window and every temperature, yet greedy decoding
+    never draws; each eager ``jax.random.split`` was a program that every new process compiled
+    or fetched. ``split`` here is bookkeeping and :meth:`value` replays the splits with
+    ``jax.random.split``, so a drawn key is the one the eager splits gave.
+    """
+
+    def __init__(self, key: Optional[Array] = None, *, parent: Optional["LazyKey"] = None, index: int = 0):
+        self._key, self._parent, self._index, self._halves = key, parent, index, None
+
+    def split(self) -> tuple["LazyKey", "LazyKey"]:
+        return LazyKey(parent=self, index=0), LazyKey(parent=self, index=1)
+
+    def value(self) -> Array:
+        """The key itself (``jax.random.PRNGKey(0)`` for a root made without one)."""
+        chain, node = [], self
+        while node._key is None and node._parent is not None:
+            chain.append(node)
+            node = node._parent
+        if node._key is None:
+            node._key = jax.random.PRNGKey(0)
+        for node in reversed(chain):
+            parent = node._parent
+            if parent._halves is None:
+                parent._halves = jax.random.split(parent._key)
+            node._key, node._parent = parent._halves[node._index], None
+        return self._key
+
+
 class WindowDecoder:
     """Decodes batches of 30 s mel windows with OpenAI's temperature fallback.
 
@@ -335,17 +378,21 @@ class WindowDecoder:
         size = bucket(n, BATCH_BUCKETS) if n <= BATCH_BUCKETS[-1] else n
         padded = np.zeros((size, *mels.shape[1:]), np.float32)
         padded[:n] = mels
-        return encode(self.model.module, self.model.params, jnp.asarray(padded))
+        return encode(self.model.module, self.model.params, padded)
 
-    def decode(self, audio: Array, n: int, prompts: list[list[int]], tail: int, key: Array) -> list[DecodingResult]:
-        """Decodes rows ``[0, n)`` of encoder output ``audio``, with fallback per row."""
+    def decode(self, audio: Array, n: int, prompts: list[list[int]], tail: int, key) -> list[DecodingResult]:
+        """Decodes rows ``[0, n)`` of encoder output ``audio``, with fallback per row.
+
+        ``key`` is a PRNG key or a :class:`LazyKey`; it is only drawn from when sampling.
+        """
         opts = self.options
+        key = key if isinstance(key, LazyKey) else LazyKey(key)
         results: list[Optional[DecodingResult]] = [None] * n
         todo = list(range(n))
         for i, temperature in enumerate(opts.temperatures):
             if not todo:
                 break
-            key, sub = jax.random.split(key)
+            key, sub = key.split()
             rows = self._decode_rows(audio, todo, [prompts[r] for r in todo], tail, temperature, sub)
             last = i == len(opts.temperatures) - 1
             retry = []
@@ -375,15 +422,19 @@ class WindowDecoder:
         prompt_len = bucket(max(len(p) for p in prompts), PROMPT_BUCKETS)
         padded, pad = left_pad([p for p in prompts + [prompts[0]] * (size - len(rows)) for _ in range(repeat)],
                                prompt_len, self.tokenizer.eot)
-        args = (self.model.module, self.model.params, audio[jnp.asarray(gather)], jnp.asarray(padded),
-                jnp.asarray(pad), jnp.int32(prompt_len - tail), self.suppress_mask, self.begin_mask)
+        if audio.shape[0] != size or np.any(gather != np.arange(size)):  # else every row is in place
+            audio = audio[gather]
+        # numpy arguments: jit moves them; eager jnp scalars and arrays were each a program to compile.
+        args = (self.model.module, self.model.params, audio, padded, pad, np.int32(prompt_len - tail),
+                self.suppress_mask, self.begin_mask)
         if temperature == 0 and opts.beam_size:
             from whisperjax_cli.beam import beam_search_window
 
             out = beam_search_window(*args, self.config, opts.beam_size, opts.patience, opts.length_penalty)
         else:
             config = dataclasses.replace(self.config, sample=temperature > 0)
-            out = decode_window(*args, jnp.float32(temperature), key, config, repeat)
+            draw = key.value() if config.sample else _UNUSED_KEY  # greedy never draws
+            out = decode_window(*args, np.float32(temperature), draw, config, repeat)
         tokens, sums, no_speech = jax.device_get((out.tokens, out.sum_logprobs, out.no_speech_prob))
         results = [self._result(tokens[j], sums[j], no_speech[j], temperature) for j in range(len(rows) * repeat)]
         return [self._best(results[k * repeat : (k + 1) * repeat]) for k in range(len(rows))]

@@ -264,7 +264,10 @@ class TextDecoder(nn.Module):
         kv = [block.project_cross_kv(audio.astype(self.dtype)) for block in self.blocks]
         return tuple(k for k, _ in kv), tuple(v for _, v in kv)
 
-    def __call__(self, tokens: Array, cache: KVCache, index: Array, pad: Optional[Array] = None):
+    def __call__(
+        self, tokens: Array, cache: KVCache, index: Array, pad: Optional[Array] = None,
+        logits_at: Optional[Array] = None,
+    ):
         """Runs ``tokens`` ``[batch, q_len]`` written at cache slots ``[index, index + q_len)``.
 
         Args:
@@ -273,8 +276,10 @@ class TextDecoder(nn.Module):
           index: int32 scalar, the slot of the first token.
           pad: int32 ``[batch]``, number of left-padding slots per row (ignored keys, and
             positions counted from the first real slot), or None for no padding.
+          logits_at: int32 ``[k]`` query positions to project onto the vocabulary, or None for
+            all (a prompt's prefill needs two of its ~200 positions).
         Returns:
-          ``(logits float32 [batch, q_len, n_vocab], new cache)``.
+          ``(logits float32 [batch, q_len or k, n_vocab], new cache)``.
         """
         batch, q_len = tokens.shape
         pad = jnp.zeros((batch,), jnp.int32) if pad is None else pad
@@ -293,6 +298,8 @@ class TextDecoder(nn.Module):
             )
             new_k.append(k)
             new_v.append(v)
+        if logits_at is not None:
+            x = jnp.take(x, logits_at, axis=1)  # [batch, k, state]
         x = self.ln(x)
         logits = (x @ embedding).astype(jnp.float32)  # tied output projection [batch, q_len, vocab]
         return logits, cache.replace(self_k=tuple(new_k), self_v=tuple(new_v))
@@ -314,8 +321,9 @@ class Whisper(nn.Module):
     def cross_kv(self, audio: Array):
         return self.decoder.cross_kv(audio)
 
-    def decode(self, tokens: Array, cache: KVCache, index: Array, pad: Optional[Array] = None):
-        return self.decoder(tokens, cache, index, pad)
+    def decode(self, tokens: Array, cache: KVCache, index: Array, pad: Optional[Array] = None,
+               logits_at: Optional[Array] = None):
+        return self.decoder(tokens, cache, index, pad, logits_at)
 
     def __call__(self, mel: Array, tokens: Array):
         """Teacher-forced logits for ``tokens`` given ``mel`` (used for init and tests)."""
