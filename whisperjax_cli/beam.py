@@ -9,8 +9,9 @@ call is passed in as ``step_fn``, so the search can be tested with a scripted st
 Reference: ``whisper/decoding.py`` (``BeamSearchDecoder.update``/``finalize``,
 ``MaximumLikelihoodRanker.rank``, ``DecodingTask.run``) at openai/whisper c0d2f62. This is not
 CTranslate2's search (faster-whisper): that one finishes only end-of-text candidates among its top
-``beam_size`` and does not cap them at ``max_candidates``, so the two occasionally pick different
-sequences (see tests/test_beam.py).
+``beam_size``, so the two occasionally pick different sequences (see tests/test_beam.py). With
+``finish_top_only`` this search uses that rule, which transcription does: under OpenAI's rule,
+weak early endings can fill the finished set and cut a long-form window to a word.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def beam_loop(
     config: LoopConfig,
     beam: int,
     n_finished: int,
+    finish_top_only: bool = False,
 ) -> BeamState:
     """Runs OpenAI's ``BeamSearchDecoder.update`` until every audio has ``n_finished`` finished
     sequences or ``sample_len`` tokens were sampled.
@@ -128,9 +130,12 @@ def beam_loop(
         live_rank = jnp.cumsum(live, axis=1) - 1  # [batch, c]
         # [batch, beam]: the position of the k-th live candidate continues as beam k.
         pick = jnp.argmax(live[:, None, :] & (live_rank[:, None, :] == jnp.arange(beam)[None, :, None]), axis=2)
-        # OpenAI stops scanning at the last continuing candidate: only end-of-text candidates
-        # ranked above it finish at this step.
-        finished = valid & (token == config.eot) & (jnp.arange(scores.shape[1]) < pick[:, -1:])
+        # OpenAI stops scanning at the last continuing candidate: end-of-text candidates ranked
+        # above it finish at this step. With ``finish_top_only`` (CTranslate2's rule) only those
+        # among the top ``beam`` finish, so weak early endings cannot fill the finished set
+        # before the best beam ends (over long-form audio those cut windows to " and").
+        bound = jnp.full_like(pick[:, -1:], beam) if finish_top_only else pick[:, -1:]
+        finished = valid & (token == config.eot) & (jnp.arange(scores.shape[1]) < bound)
         s = _add_finished(s, source, scores, finished, sample_begin, config.sample_len, n_finished)
 
         gather = lambda x: jnp.take_along_axis(x, pick, axis=1).reshape(rows)  # noqa: E731
@@ -192,6 +197,7 @@ def beam_search(
     beam_size: int,
     patience: Optional[float] = None,
     length_penalty: Optional[float] = None,
+    finish_top_only: bool = False,
 ) -> tuple[Array, Array]:
     """Beam search for each audio row after its prompt; the best sequence per row.
 
@@ -221,12 +227,15 @@ def beam_search(
         fin_scores=jnp.zeros((batch, slots), jnp.float32),
         fin_count=jnp.zeros((batch,), jnp.int32),
     )
-    state = beam_loop(step_fn, state, state.cur, suppress_mask, begin_mask, config, beam_size, n_finished)
+    state = beam_loop(step_fn, state, state.cur, suppress_mask, begin_mask, config, beam_size, n_finished,
+                      finish_top_only)
     state = finalize(state, sample_begin, config.sample_len, beam_size)
     return rank_finished(state, config.eot, length_penalty)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "config", "beam_size", "patience", "length_penalty"))
+@functools.partial(
+    jax.jit, static_argnames=("module", "config", "beam_size", "patience", "length_penalty", "finish_top_only")
+)
 def beam_search_window(
     module: Whisper,
     params,
@@ -240,6 +249,7 @@ def beam_search_window(
     beam_size: int,
     patience: Optional[float] = None,
     length_penalty: Optional[float] = None,
+    finish_top_only: bool = False,
 ) -> DecodeOutput:
     """Beam-search decodes a batch of audio windows; ``decoding.decode_window``'s convention.
 
@@ -274,6 +284,6 @@ def beam_search_window(
     buffer = jnp.concatenate([prompt, jnp.full((batch, config.sample_len), config.eot, jnp.int32)], axis=1)
     tokens, sum_logprobs = beam_search(
         step, buffer, last_logits, (cache.self_k, cache.self_v), jnp.int32(prompt_len),
-        suppress_mask, begin_mask, config, beam_size, patience, length_penalty,
+        suppress_mask, begin_mask, config, beam_size, patience, length_penalty, finish_top_only,
     )
     return DecodeOutput(tokens, sum_logprobs, no_speech_prob)

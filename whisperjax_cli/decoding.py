@@ -430,7 +430,10 @@ class WindowDecoder:
         if temperature == 0 and opts.beam_size:
             from whisperjax_cli.beam import beam_search_window
 
-            out = beam_search_window(*args, self.config, opts.beam_size, opts.patience, opts.length_penalty)
+            # Finishing only top-ranked endings (CTranslate2's rule) keeps long-form beam search
+            # from ending windows early; OpenAI's rule stays available in beam.py and tested.
+            out = beam_search_window(*args, self.config, opts.beam_size, opts.patience, opts.length_penalty,
+                                     finish_top_only=True)
         else:
             config = dataclasses.replace(self.config, sample=temperature > 0)
             draw = key.value() if config.sample else _UNUSED_KEY  # greedy never draws

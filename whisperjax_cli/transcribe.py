@@ -21,7 +21,7 @@ import numpy as np
 
 from whisperjax_cli.audio import SAMPLE_RATE, load_audio
 from whisperjax_cli.decoding import (
-    DecodingOptions, WindowDecoder, build_prompt, language_logits, language_probs,
+    DecodingOptions, LazyKey, WindowDecoder, build_prompt, language_logits, language_probs,
 )
 from whisperjax_cli.features import HOP_LENGTH, N_FRAMES, N_SAMPLES, LogMelWindows
 from whisperjax_cli.results import Segment, Transcript
@@ -157,7 +157,7 @@ class Transcriber:
         tok = model.tokenizer
         self.initial_tokens = tok.encode(" " + initial_prompt.strip()) if initial_prompt else []
         self.clip_timestamps = clip_timestamps
-        self.key = jax.random.PRNGKey(0) if key is None else key
+        self.key = LazyKey(key)  # PRNGKey(0) when None; split only if sampling draws from it
         self.progress = progress
 
     # ------------------------------------------------------------ files and streams
@@ -219,7 +219,7 @@ class Transcriber:
         if not streams:
             return
         audio = self.decoder.encode(np.stack(mels))
-        self.key, sub = jax.random.split(self.key)
+        self.key, sub = self.key.split()
         results = self.decoder.decode(audio, len(streams), prompts, tail, sub)
         for s, size, result in zip(streams, sizes, results):
             self._advance(s, size, result)
@@ -247,7 +247,9 @@ class Transcriber:
             s.segments.extend(new)
             s.seek += advance
             s.prompt.extend(t for g in new for t in g.tokens)
-            if not self.condition or result.temperature > 0.5:
+            # OpenAI resets the prompt after a high-temperature window; a window with no letter
+            # or digit (". . . ." over noise) resets it too, or every later window repeats it.
+            if not self.condition or result.temperature > 0.5 or not any(c.isalnum() for c in result.text):
                 s.prompt_reset_since = len(s.prompt)
         s._advance()
 
