@@ -1,0 +1,166 @@
+"""Long-form accuracy and speed: wjx (sequential greedy, sequential beam 5, batched) against
+faster-whisper (sequential greedy and beam 5) on the same audio, weights and settings.
+
+The audio is espeak-ng reading the Apache License 2.0 (Debian's /usr/share/common-licenses),
+paragraph by paragraph with 1.2 s pauses, and 60 s of faint noise in the middle: about ten
+minutes of English that no test tunes to. WER is computed under Whisper's English text
+normalizer (the ``whisper-normalizer`` package) with jiwer. RTFx = audio seconds / wall seconds,
+after one warm-up pass per configuration on the first minute (so compiles are not counted).
+
+With ``--memory-hours H`` it also synthesises an H-hour input (the speech at its start and its end,
+digital silence between, so the run takes minutes, not an hour) and reports the peak RSS of a
+subprocess that transcribes it, next to the size of its 16 kHz audio: the log-mel is computed per
+window, so the peak should exceed the model + audio only by a constant.
+
+    python bench/longform.py --model tiny.en --threads 2 --memory-hours 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+LICENSE = Path("/usr/share/common-licenses/Apache-2.0")
+SR = 16000
+
+
+def paragraphs(text: str) -> list[str]:
+    paras = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
+    return [p for p in paras if re.search(r"[A-Za-z]", p)]
+
+
+def synthesise(out_wav: Path) -> tuple[np.ndarray, str]:
+    """espeak-ng speech of every paragraph, 1.2 s pauses, 60 s of faint noise in the middle."""
+    from whisperjax_cli.audio import load_audio
+
+    paras = paragraphs(LICENSE.read_text())
+    pieces = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, para in enumerate(paras):
+            wav = Path(tmp) / f"{i}.wav"
+            subprocess.run(["espeak-ng", "-v", "en-us", "-s", "165", "-w", str(wav), para], check=True)
+            pieces.append(load_audio(wav))
+    pause = np.zeros(int(1.2 * SR), np.float32)
+    noise = (np.random.default_rng(0).standard_normal(60 * SR) * 3e-4).astype(np.float32)
+    half = len(pieces) // 2
+    audio = np.concatenate([x for p in pieces[:half] for x in (p, pause)] + [noise]
+                           + [x for p in pieces[half:] for x in (p, pause)])
+    import soundfile as sf
+
+    sf.write(out_wav, audio, SR, subtype="FLOAT")
+    return audio, " ".join(paras)
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    import jiwer
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    norm = EnglishTextNormalizer()
+    return 100 * jiwer.wer(norm(reference), norm(hypothesis))
+
+
+def run_ours(model, audio, **kwargs) -> tuple[str, float]:
+    from whisperjax_cli.transcribe import transcribe
+
+    transcribe(model, audio[: 60 * SR], **kwargs)  # warm-up: compiles this configuration
+    t0 = time.perf_counter()
+    text = transcribe(model, audio, **kwargs).text
+    return text, time.perf_counter() - t0
+
+
+def run_faster_whisper(fw, audio, **kwargs) -> tuple[str, float]:
+    list(fw.transcribe(audio[: 60 * SR], **kwargs)[0])
+    t0 = time.perf_counter()
+    text = "".join(s.text for s in fw.transcribe(audio, **kwargs)[0])
+    return text, time.perf_counter() - t0
+
+
+def memory_run(model: str, hours: float, mode: str) -> dict:
+    """Transcribes an ``hours``-long input in a fresh process; returns its peak RSS."""
+    code = f"""
+import json, resource, sys, time, numpy as np, soundfile as sf
+from whisperjax_cli.models import load_model
+from whisperjax_cli.transcribe import transcribe_files
+speech = sf.read({str(OUT / 'longform.wav')!r}, dtype='float32')[0]
+n = int({hours} * 3600 * 16000)
+audio = np.zeros(n, np.float32)  # the speech at the start and at the end, silence between
+audio[: len(speech)] = speech
+audio[n - len(speech):] = speech
+m = load_model({model!r})
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter(); segments = 0
+for e in transcribe_files(m, [audio], mode={mode!r}, batch_size=8):
+    segments += len(e.segments)
+print(json.dumps(dict(audio_mb=audio.nbytes / 2**20, rss_before_mb=base / 1024,
+                      peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      seconds=time.perf_counter() - t0, segments=segments)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny.en")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--skip", nargs="*", default=[], help="rows to skip, e.g. 'fw-beam5' 'wjx-beam5'")
+    parser.add_argument("--memory-hours", type=float, default=0.0)
+    parser.add_argument("--memory-mode", default="sequential")
+    parser.add_argument("--memory-only", action="store_true", help="skip the WER/RTFx rows")
+    args = parser.parse_args()
+
+    from faster_whisper import WhisperModel as FasterWhisper
+
+    from whisperjax_cli.models import load_model
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    audio, reference = synthesise(OUT / "longform.wav")
+    duration = len(audio) / SR
+    model = load_model(args.model, dtype="float32")
+    fw = FasterWhisper(str(model.path), device="cpu", compute_type="float32", cpu_threads=args.threads)
+    print(f"audio: {duration / 60:.1f} min, model {args.model}, {args.threads} threads, float32")
+    rows = {
+        "fw-greedy": lambda: run_faster_whisper(fw, audio, beam_size=1),
+        "fw-beam5": lambda: run_faster_whisper(fw, audio, beam_size=5),
+        "wjx-greedy": lambda: run_ours(model, audio),
+        "wjx-beam5": lambda: run_ours(model, audio, beam_size=5),
+        "wjx-batched": lambda: run_ours(model, audio, mode="batched", batch_size=args.batch_size),
+    }
+    results = {}
+    if args.memory_only:
+        rows = {}
+    print(f"{'configuration':14} {'WER %':>7} {'seconds':>8} {'RTFx':>7}")
+    for name, fn in rows.items():
+        if name in args.skip:
+            continue
+        text, seconds = fn()
+        results[name] = dict(wer=wer(reference, text), seconds=seconds, rtfx=duration / seconds)
+        r = results[name]
+        print(f"{name:14} {r['wer']:7.2f} {r['seconds']:8.1f} {r['rtfx']:7.1f}", flush=True)
+        (OUT / f"{name}.txt").write_text(text)
+    if "fw-greedy" in results:
+        base = results["fw-greedy"]
+        for name, r in results.items():
+            print(f"{name:14} speed vs fw-greedy: {r['rtfx'] / base['rtfx']:.2f}x, WER delta {r['wer'] - base['wer']:+.2f}")
+    if args.memory_hours:
+        mem = memory_run(args.model, args.memory_hours, args.memory_mode)
+        print(f"memory: {args.memory_hours} h input ({mem['audio_mb']:.0f} MB of 16 kHz audio), {args.memory_mode}: "
+              f"peak RSS {mem['peak_rss_mb']:.0f} MB (model loaded: {mem['rss_before_mb']:.0f} MB), "
+              f"{mem['seconds']:.0f} s, {mem['segments']} segments")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
