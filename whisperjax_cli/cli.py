@@ -46,6 +46,8 @@ Examples:
   wjx transcribe a.flac -f json -o - | jq .text
   cat a.flac | wjx transcribe - -f jsonl -o -  # one JSON segment per line, as decoded
   wjx transcribe -m openai/whisper-small --language fr --skip-existing talks/
+  wjx classify clip.flac                       # spoken language, top 5 with scores
+  wjx classify train data/ --out my-clf        # a classifier from data/<label>/<clips>
   wjx models list
   wjx models download openai/whisper-base
   wjx models convert tiny.en ./tiny-en-hf

@@ -89,6 +89,8 @@ class _Bars:
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}"),
             TimeRemainingColumn(), console=self.console, transient=True,
+            # Results go to stdout while the bars draw on stderr: never capture either stream.
+            redirect_stdout=False, redirect_stderr=False,
         )
         self.labels = labels
         self.tasks: dict[int, int] = {}
