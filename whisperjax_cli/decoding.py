@@ -8,7 +8,6 @@ scripted logits. Logit filters are pure ``(logits, ...) -> logits`` functions.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable, Optional
 
 import flax.struct
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from whisperjax_cli.model import KVCache, Whisper, init_cache
+from whisperjax_cli.runtime import cached_jit  # jax.jit, and whole programs kept on disk (start-up)
 from whisperjax_cli.timestamps import TimestampConfig, apply_timestamp_rules
 
 Array = jax.Array
@@ -153,7 +153,7 @@ def prefill(module: Whisper, params, prompt: Array, cache: KVCache, pad: Array, 
     return logits[:, 1], cache, no_speech_prob
 
 
-@functools.partial(jax.jit, static_argnames=("module", "config", "group"))
+@cached_jit(static_argnames=("module", "config", "group"))
 def decode_window(
     module: Whisper,
     params,
@@ -202,13 +202,13 @@ def decode_window(
     return DecodeOutput(state.tokens[:, prompt_len:], state.sum_logprobs, no_speech_prob)
 
 
-@functools.partial(jax.jit, static_argnames=("module",))
+@cached_jit(static_argnames=("module",))
 def encode(module: Whisper, params, mel: Array) -> Array:
     """Encoder output ``[batch, n_audio_ctx, state]`` for mel ``[batch, frames, n_mels]``."""
     return module.apply({"params": params}, mel, method=Whisper.encode)
 
 
-@functools.partial(jax.jit, static_argnames=("module",))
+@cached_jit(static_argnames=("module",))
 def language_logits(module: Whisper, params, audio: Array, sot: Array) -> Array:
     """Logits after ``<|startoftranscript|>`` alone, ``[batch, vocab]`` (language ID)."""
     cross = module.apply({"params": params}, audio, method=Whisper.cross_kv)
@@ -361,9 +361,10 @@ class WindowDecoder:
         tok = model.tokenizer
         self.model, self.options, self.tokenizer = model, options, tok
         vocab = model.dims.n_vocab
-        self.suppress_mask = jnp.asarray(vocab_mask(suppressed_ids(tok, options.suppress_tokens), vocab))
+        # device_put, not jnp.asarray: that compiled a program for each mask in every new process.
+        self.suppress_mask = jax.device_put(vocab_mask(suppressed_ids(tok, options.suppress_tokens), vocab))
         blank = tok.encode(" ") + [tok.eot] if options.suppress_blank else []
-        self.begin_mask = jnp.asarray(vocab_mask(blank, vocab))
+        self.begin_mask = jax.device_put(vocab_mask(blank, vocab))
         ts = None
         if not options.without_timestamps:
             max_initial = None

@@ -1,0 +1,82 @@
+"""What start-up shortcuts must keep equal: whole programs kept on disk, lazily split keys."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from whisperjax_cli.decoding import LazyKey
+
+
+def test_lazy_key_draws_the_keys_of_eager_splits():
+    root = jax.random.PRNGKey(7)
+    eager, lazy = root, LazyKey(root)
+    eager_subs, lazy_subs = [], []
+    for _ in range(4):
+        eager, sub = jax.random.split(eager)
+        lazy, lazy_sub = lazy.split()
+        eager_subs.append(sub)
+        lazy_subs.append(lazy_sub)
+    # Drawn out of order, and the chain's end last: each is the eager key all the same.
+    for i in (2, 0, 3, 1):
+        np.testing.assert_array_equal(lazy_subs[i].value(), eager_subs[i])
+    np.testing.assert_array_equal(lazy.value(), eager)
+    np.testing.assert_array_equal(LazyKey().split()[1].value(), jax.random.split(jax.random.PRNGKey(0))[1])
+
+
+_CACHED_JIT_SCRIPT = """
+import sys
+from pathlib import Path
+import jax, jax.numpy as jnp, numpy as np
+from whisperjax_cli import runtime
+
+runtime.enable_compile_cache(Path(sys.argv[1]))
+runtime.prefetch_programs("test")  # what the last process of this group ran first, in the background
+traced, served = [], []
+take = runtime._take_prefetched
+
+def take_and_count(name):
+    got = take(name)
+    served.append(got is not None)
+    return got
+
+runtime._take_prefetched = take_and_count
+
+@runtime.cached_jit(static_argnames=("scale",))
+def f(x, y, scale):
+    traced.append(1)
+    return jnp.tanh(x @ x.T) * scale + jnp.broadcast_to(y, (x.shape[0], x.shape[0]))
+
+x = np.linspace(-1, 1, 64 * 32, dtype=np.float32).reshape(64, 32)
+out = np.asarray(f(x, np.float32(0.5), scale=3.0))
+print(len(traced), sum(served), float(out.sum()), float(np.tanh(x @ x.T).sum() * 3.0 + 0.5 * 64 * 64))
+"""
+
+
+def test_cached_jit_loads_whole_programs_in_a_new_process(tmp_path):
+    """A second process runs the kept program without tracing (loaded ahead, in the background);
+    a program that came from JAX's cache is compiled again before it is kept (XLA:CPU's copy of
+    it would fail to run)."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "jax"
+
+    def run() -> tuple[int, int, float]:
+        proc = subprocess.run([sys.executable, "-c", _CACHED_JIT_SCRIPT, str(cache)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        traces, served, got, want = proc.stdout.split()
+        assert abs(float(got) - float(want)) < 1e-2 * abs(float(want))
+        return int(traces), int(served), float(got)
+
+    traces, served, first = run()
+    assert (traces, served) == (1, 0)
+    kept = sorted(p.name for p in cache.glob("wjx-aot-f-*"))
+    assert len(kept) == 1 and any(p.name.startswith("jit_f-") for p in cache.iterdir())
+    assert run() == (0, 1, first)
+    for p in cache.glob("wjx-aot-f-*"):
+        p.unlink()  # JAX's entry stays: the next process gets the program from JAX's cache
+    traces, served, again = run()
+    assert traces >= 1 and served == 0 and again == first  # traced, and compiled once more past JAX's cache
+    assert sorted(p.name for p in cache.glob("wjx-aot-f-*")) == kept
+    assert run() == (0, 1, first)
