@@ -1,11 +1,36 @@
-"""What start-up shortcuts must keep equal: whole programs kept on disk, lazily split keys."""
+"""What start-up shortcuts must keep equal: weight shapes without tracing, lazily split keys."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from whisperjax_cli.decoding import LazyKey
+from whisperjax_cli.dims import OFFICIAL_DIMS, ModelDimensions
+from whisperjax_cli.errors import ModelError
+from whisperjax_cli.model import Whisper
+from whisperjax_cli.weights import expected_shapes, flatten, name_table
+
+# Audio and text widths differ here, so the cross-attention key/value shapes are checked too.
+UNEVEN = ModelDimensions(8, 10, 16, 2, 1, 40, 12, 24, 3, 2)
+
+
+@pytest.mark.parametrize("dims", [OFFICIAL_DIMS["tiny.en"], OFFICIAL_DIMS["large-v3"], UNEVEN],
+                         ids=["tiny.en", "large-v3", "uneven"])
+def test_expected_shapes_equal_the_traced_init(dims):
+    """The shape table worked out from the dimensions is what Flax's init makes."""
+    params = jax.eval_shape(
+        lambda: Whisper(dims).init(jax.random.PRNGKey(0), jnp.zeros((1, 2 * dims.n_audio_ctx, dims.n_mels)),
+                                   jnp.zeros((1, 1), jnp.int32))["params"]
+    )
+    flat = flatten(params)
+    traced = {}
+    for ours, theirs, kind in name_table(dims):
+        shape = flat[ours].shape
+        traced[theirs] = shape[::-1] if kind in ("linear", "conv") else shape
+    assert expected_shapes(dims) == traced
 
 
 def test_lazy_key_draws_the_keys_of_eager_splits():
@@ -22,6 +47,16 @@ def test_lazy_key_draws_the_keys_of_eager_splits():
         np.testing.assert_array_equal(lazy_subs[i].value(), eager_subs[i])
     np.testing.assert_array_equal(lazy.value(), eager)
     np.testing.assert_array_equal(LazyKey().split()[1].value(), jax.random.split(jax.random.PRNGKey(0))[1])
+
+
+def test_download_with_hf_hub_offline_names_the_setting(monkeypatch, tmp_path):
+    from whisperjax_cli.models import hub_snapshot
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelError) as err:
+        hub_snapshot("nobody-wjx-test/absent", download=True)
+    assert "HF_HUB_OFFLINE is set" in str(err.value) and "network" not in str(err.value)
 
 
 _CACHED_JIT_SCRIPT = """

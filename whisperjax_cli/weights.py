@@ -85,24 +85,63 @@ def name_table(dims: ModelDimensions) -> list[tuple[str, str, str]]:
 
 
 def expected_shapes(dims: ModelDimensions) -> dict[str, tuple[int, ...]]:
-    """Canonical (PyTorch-layout) shape of every tensor in :func:`name_table`."""
-    import jax
-    import jax.numpy as jnp
+    """Canonical (PyTorch-layout) shape of every tensor in :func:`name_table`.
 
-    from whisperjax_cli.model import Whisper
+    Worked out from the dimensions, row by row, instead of tracing the Flax model's init
+    (``jax.eval_shape`` took ~0.2 s of every model load); tests check the two agree.
+    """
+    return {theirs: _canonical_shape(theirs, dims) for _, theirs, _ in name_table(dims)}
 
-    shapes = jax.eval_shape(
-        lambda: Whisper(dims).init(
-            jax.random.PRNGKey(0),
-            jnp.zeros((1, 2 * dims.n_audio_ctx, dims.n_mels)),
-            jnp.zeros((1, 1), jnp.int32),
-        )["params"]
-    )
-    flat = flatten(shapes)
-    out = {}
-    for ours, theirs, kind in name_table(dims):
-        shape = flat[ours].shape
-        out[theirs] = {"linear": shape[::-1], "conv": shape[::-1]}.get(kind, shape)
+
+def _canonical_shape(name: str, dims: ModelDimensions) -> tuple[int, ...]:
+    """Shape of one canonical tensor (``model.{encoder,decoder}....``) for ``dims``."""
+    parts = name.split(".")
+    encoder = "decoder" not in parts[:2]
+    d = dims.n_audio_state if encoder else dims.n_text_state
+    module, leaf = parts[-2], parts[-1]
+    if module == "embed_positions":
+        return (dims.n_audio_ctx if encoder else dims.n_text_ctx, d)
+    if module == "embed_tokens":
+        return (dims.n_vocab, d)
+    if module in ("conv1", "conv2"):
+        width_in = dims.n_mels if module == "conv1" else d
+        return (d, width_in, 3) if leaf == "weight" else (d,)
+    if module == "fc1":
+        return (4 * d, d) if leaf == "weight" else (4 * d,)
+    if module == "fc2":
+        return (d, 4 * d) if leaf == "weight" else (d,)
+    if module.endswith("_proj"):
+        # Cross-attention keys and values project the audio (n_audio_state wide) to the text state.
+        width_in = dims.n_audio_state if parts[-3] == "encoder_attn" and module in ("k_proj", "v_proj") else d
+        return (d, width_in) if leaf == "weight" else (d,)
+    return (d,)  # layer norms
+
+
+_ALIGN = 64  # bytes: XLA's CPU client adopts host buffers aligned like this instead of copying them
+_BLOCK_ROWS = 256
+
+
+def device_layout(x: np.ndarray, dtype) -> np.ndarray:
+    """``x`` cast to ``dtype``, C-contiguous, in a freshly allocated 64-byte aligned buffer.
+
+    For :func:`jax.device_put` on CPU: an aligned buffer is used in place, not copied again.
+    A big transposed matrix (our layout of a PyTorch ``[out, in]`` weight, the token embedding
+    above all) is copied a block of rows at a time, so reads and writes both stay in cache;
+    numpy's element-strided copy of the 51,864 x 384 embedding took twice as long.
+    """
+    dtype = np.dtype(dtype)
+    if x.dtype == np.float16 and dtype not in (np.float16, np.float32):
+        x = x.astype(np.float32)  # float16 -> bfloat16 rounds exactly as it did through float32
+    nbytes = x.size * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    out = raw[start : start + nbytes].view(dtype).reshape(x.shape)
+    if x.ndim == 2 and x.size >= 1 << 20 and x.T.flags.c_contiguous and not x.flags.c_contiguous:
+        source = x.T
+        for i in range(0, source.shape[0], _BLOCK_ROWS):
+            out[:, i : i + _BLOCK_ROWS] = source[i : i + _BLOCK_ROWS].T
+    else:
+        out[...] = x
     return out
 
 
@@ -177,7 +216,7 @@ def read_ct2(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     revision, uint32 count, then per variable: name, uint8 rank, uint32 dims, uint8 dtype,
     uint32 nbytes, data; then uint32 alias count and (alias, target) name pairs.
     """
-    buf = memoryview(Path(path).read_bytes())
+    buf = _map_file(path)
     off = 0
 
     def take(fmt: str):
@@ -219,6 +258,17 @@ def read_ct2(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return tensors, aliases
 
 
+def _map_file(path: Path) -> memoryview:
+    """The file's bytes, memory-mapped read-only (tensors are views: no 75+ MB copy at load)."""
+    import mmap
+
+    with open(path, "rb") as f:
+        try:
+            return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        except (OSError, ValueError):  # empty, or a file that cannot be mapped
+            return memoryview(f.read())
+
+
 def _ct2_array(raw: np.ndarray, dtype_id: int, shape) -> np.ndarray:
     dtype = _CT2_DTYPES.get(dtype_id)
     if dtype is None:
@@ -228,19 +278,37 @@ def _ct2_array(raw: np.ndarray, dtype_id: int, shape) -> np.ndarray:
     return raw.view(dtype).reshape(shape)
 
 
+class _Ct2Tensors(dict):
+    """CTranslate2 variables by name; with ``keep_half``, float16 ones are not widened."""
+
+    keep_half = False
+
+
 def _ct2_tensor(tensors: dict, name: str) -> np.ndarray:
-    """A float32 tensor; int8 weights are dequantized with their per-row ``weight_scale``."""
+    """A float32 tensor (float16 as stored, read-only, under ``keep_half``); int8 weights are
+    dequantized with their per-row ``weight_scale``."""
     value = tensors[name]
     if value.dtype == np.int8:
         scale = tensors[name.replace("/weight", "/weight_scale")]
-        return value.astype(np.float32) / np.asarray(scale, np.float32).reshape(-1, *([1] * (value.ndim - 1)))
+        scale = np.asarray(scale, np.float32).reshape(-1, *([1] * (value.ndim - 1)))
+        return np.divide(value, scale, dtype=np.float32)  # = astype(float32) / scale, in one pass
+    if value.dtype == np.float16 and getattr(tensors, "keep_half", False):
+        return value
     return value.astype(np.float32)
 
 
-def ct2_to_state(tensors: dict, aliases: dict, source) -> tuple[dict[str, np.ndarray], ModelDimensions]:
-    """Canonical state dict and dimensions from CTranslate2 variables (splitting fused QKV)."""
+def ct2_to_state(
+    tensors: dict, aliases: dict, source, float32: bool = True
+) -> tuple[dict[str, np.ndarray], ModelDimensions]:
+    """Canonical state dict and dimensions from CTranslate2 variables (splitting fused QKV).
+
+    With ``float32=False``, float16 tensors stay float16 views of the file's bytes, for a
+    caller that converts them once anyway (:func:`~whisperjax_cli.models.load_model`).
+    """
     for alias, target in aliases.items():
         tensors.setdefault(alias, tensors[target])
+    tensors = _Ct2Tensors(tensors)
+    tensors.keep_half = not float32
     try:
         dims = _ct2_dims(tensors)
         state = {}
@@ -317,8 +385,9 @@ def _ln(t: dict, ct2: str, hf: str) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------- Hugging Face files
 
-def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
-    """``model.safetensors``, or every shard listed in ``model.safetensors.index.json``."""
+def read_safetensors(model_dir: Path, float32: bool = True) -> dict[str, np.ndarray]:
+    """``model.safetensors``, or every shard listed in ``model.safetensors.index.json``; every
+    tensor float32 (float16 ones kept as stored with ``float32=False``)."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -333,7 +402,8 @@ def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
             state.update(load_file(model_dir / shard))
         except (SafetensorError, OSError, ValueError) as err:
             raise ModelError(model_dir / shard, f"cannot read safetensors ({err})") from None
-    return {k: np.asarray(v, np.float32) if v.dtype != np.float32 else v for k, v in state.items()}
+    keep = (np.float32,) if float32 else (np.float32, np.float16)
+    return {k: v if v.dtype in keep else np.asarray(v, np.float32) for k, v in state.items()}
 
 
 def read_flax_msgpack(path: Path) -> dict[str, np.ndarray]:
