@@ -128,3 +128,20 @@ def test_inverse_cdf_sampling_follows_the_softmax_and_never_draws_masked_ids():
     freq = np.bincount(draws, minlength=4) / len(draws)
     np.testing.assert_allclose(freq[:3], [0.5, 0.3, 0.2], atol=0.01)
     assert freq[3] == 0
+
+
+def test_batched_encode_runs_in_chunks_and_matches_single_windows(tiny_en, clip_audio):
+    """A batch of 4 (two chunks of ENCODE_CHUNK) and an odd batch of 3 (single windows) give each
+    window's own encoding."""
+    from whisperjax_cli.features import N_FRAMES, log_mel_spectrogram, pad_or_trim
+    from whisperjax_cli.model import Whisper
+
+    names = ("cards-001.flac", "goforward.flac", "something.wav", "cards-002.flac")
+    mels = np.stack([pad_or_trim(log_mel_spectrogram(clip_audio[n]), N_FRAMES) for n in names])
+    single = [np.asarray(tiny_en.module.apply({"params": tiny_en.params}, m[None], method=Whisper.encode))[0]
+              for m in mels]
+    for batch in (mels, mels[:3]):
+        out = np.asarray(encode(tiny_en.module, tiny_en.params, batch))
+        assert out.shape == (len(batch), 1500, 384)
+        for got, want in zip(out, single):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -202,10 +202,24 @@ def decode_window(
     return DecodeOutput(state.tokens[:, prompt_len:], state.sum_logprobs, no_speech_prob)
 
 
+ENCODE_CHUNK = 2  # windows per encoder pass; bigger batches run one chunk after another
+
+
 @cached_jit(static_argnames=("module",))
 def encode(module: Whisper, params, mel: Array) -> Array:
-    """Encoder output ``[batch, n_audio_ctx, state]`` for mel ``[batch, frames, n_mels]``."""
-    return module.apply({"params": params}, mel, method=Whisper.encode)
+    """Encoder output ``[batch, n_audio_ctx, state]`` for mel ``[batch, frames, n_mels]``.
+
+    Batches run ``ENCODE_CHUNK`` windows at a time (``lax.map``): the activations of 8
+    windows at once overflow the CPU's caches, and a window cost 0.59 s at batch 8 against
+    0.31 s at batch 1 or 2 (tiny.en, 2 cores). Each window's result is the same either way.
+    """
+    run = lambda m: module.apply({"params": params}, m, method=Whisper.encode)  # noqa: E731
+    batch = mel.shape[0]
+    chunk = ENCODE_CHUNK if batch % ENCODE_CHUNK == 0 else 1
+    if batch <= chunk:
+        return run(mel)
+    out = jax.lax.map(run, mel.reshape(batch // chunk, chunk, *mel.shape[1:]))
+    return out.reshape(batch, *out.shape[2:])
 
 
 @cached_jit(static_argnames=("module",))
