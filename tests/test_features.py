@@ -15,6 +15,7 @@ from whisperjax_cli.features import (
     N_FFT,
     N_FRAMES,
     N_SAMPLES,
+    LogMelWindows,
     hz_to_mel,
     log_mel_spectrogram,
     mel_filters,
@@ -158,3 +159,20 @@ def test_pad_or_trim_other_axis_and_default_length():
     np.testing.assert_array_equal(pad_or_trim(mel, 5, axis=1), [[1, 1, 1, 0, 0]] * 4)
     assert pad_or_trim(mel).shape == (N_FRAMES, 3)
     assert pad_or_trim(np.ones(N_SAMPLES + 5), N_SAMPLES).shape == (N_SAMPLES,)
+
+
+@pytest.mark.parametrize("n_samples", [1, 159, 200, 201, 400, 3 * SAMPLE_RATE + 77])
+@pytest.mark.parametrize("padding", [0, 40, N_FFT - 1, N_FFT, N_FFT + 1, N_SAMPLES])
+def test_log_mel_windows_peak_skips_only_silent_frames(n_samples, padding):
+    """The peak taken without transforming the frames wholly inside the padding is the peak
+    over every frame (what start-up used to compute), and those frames are indeed all zeros."""
+    audio = np.random.default_rng(n_samples).standard_normal(n_samples).astype(np.float32) * 0.1
+    mel = LogMelWindows(audio, 80, padding=padding)
+    blocks = [mel._log10(s, min(s + 1000, mel.n_frames)) for s in range(0, mel.n_frames, 1000)]
+    every = max((float(b.max()) for b in blocks), default=-np.inf)
+    assert mel.max == every
+    sounding = mel._sounding_frames(padding)
+    if padding >= N_SAMPLES:
+        assert sounding == -(-(n_samples + N_FFT // 2) // HOP_LENGTH) < mel.n_frames
+    if sounding < mel.n_frames:
+        assert not mel._samples(sounding * HOP_LENGTH, (mel.n_frames - 1) * HOP_LENGTH + N_FFT).any()

@@ -172,11 +172,29 @@ class LogMelWindows:
         self.n_frames = self.total // HOP_LENGTH
         self._filters_t = mel_filters(n_mels).T.astype(np.float64)
         self._window = _periodic_hann(N_FFT)
+        # Frames that lie wholly in the zero padding (30 s of them after a short clip) all come
+        # out at the value of a silent frame: that value is taken once, not per frame.
+        sounding = self._sounding_frames(padding)
         peak = -np.inf
-        for start in range(0, self.n_frames, block_frames):
-            block = self._log10(start, min(start + block_frames, self.n_frames))
+        for start in range(0, sounding, block_frames):
+            block = self._log10(start, min(start + block_frames, sounding))
             peak = max(peak, float(block.max(initial=-np.inf)))
+        if sounding < self.n_frames:
+            silent = _log_mel_block(np.zeros((1, N_FFT)), self._window, self._filters_t)
+            peak = max(peak, float(silent.max()))
         self.max = peak
+
+    def _sounding_frames(self, padding: int) -> int:
+        """How many leading frames may touch the audio; every later one is all zeros.
+
+        Frame ``i`` reads samples ``i * HOP - N_FFT/2`` to ``i * HOP + N_FFT/2 - 1``; past the
+        audio's end those are zeros, and with at least ``N_FFT`` samples of padding the
+        reflection at the very end maps into the zeros too.
+        """
+        if padding < N_FFT:
+            return self.n_frames
+        first_silent = -(-(self.audio.shape[0] + N_FFT // 2) // HOP_LENGTH)  # ceil
+        return min(self.n_frames, first_silent)
 
     def _samples(self, lo: int, hi: int) -> np.ndarray:
         """Samples ``[lo, hi)`` of the centred signal: reflect-padded by N_FFT // 2 at both
