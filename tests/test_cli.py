@@ -44,10 +44,12 @@ def run(model, monkeypatch, tmp_path):
     """Invokes ``wjx`` in-process in ``tmp_path`` with the shared model; returns the Result."""
     calls = []
 
-    def load_shared(name, dtype=None):
+    def load_shared(name, dtype=None, on_params=None):
         calls.append(name)
         if name != "tiny.en":
-            return real_load(name, dtype)
+            return real_load(name, dtype, on_params=on_params)
+        if on_params is not None:
+            on_params(model.params, model.dims)
         return model
 
     real_load = models.load_model

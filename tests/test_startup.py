@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,3 +117,120 @@ def test_cached_jit_loads_whole_programs_in_a_new_process(tmp_path):
     assert traces >= 1 and served == 0 and again == first  # traced, and compiled once more past JAX's cache
     assert sorted(p.name for p in cache.glob("wjx-aot-f-*")) == kept
     assert run() == (0, 1, first)
+
+
+def test_preloaded_weights_are_those_load_model_reads(tiny_en):
+    """preload_model lays the weights out on a background thread (before JAX starts, in the CLI);
+    load_model takes them when the path and dtype agree, and reads the files itself otherwise."""
+    from whisperjax_cli import models
+
+    assert models.preload_model("tiny.en", None, "cpu")
+    model = models.load_model("tiny.en", dtype="float32")
+    assert not models._preloading  # taken
+    want, got = jax.tree_util.tree_leaves(tiny_en.params), jax.tree_util.tree_leaves(model.params)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    assert models.preload_model("tiny.en", "float16", None)
+    again = models.load_model("tiny.en", dtype="float32")  # another dtype: read again
+    assert not models._preloading
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(again.params))
+
+    assert not models.preload_model("no/such-model-here", None, "cpu")  # a Hub id: left to load_model
+    assert not models._preloading
+
+
+def test_guess_dtype_without_jax(monkeypatch):
+    from whisperjax_cli.models import _guess_dtype
+
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    assert _guess_dtype(None, "cpu") == np.float32
+    assert _guess_dtype(None, "gpu") == jnp.bfloat16
+    assert _guess_dtype("bfloat16", None) == jnp.bfloat16
+    assert _guess_dtype(jnp.float16, None) == np.float16
+    assert _guess_dtype("int8", None) is None
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    assert _guess_dtype(None, None) is None  # not known before JAX starts
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert _guess_dtype(None, None) == np.float32
+
+
+_SPECULATE_SCRIPT = """
+import hashlib, sys
+from pathlib import Path
+import jax, jax.numpy as jnp, numpy as np
+from whisperjax_cli import runtime
+
+runtime.enable_compile_cache(Path(sys.argv[1]))
+runtime.prefetch_programs("test")
+taken = []
+take = runtime._take_speculated
+
+def take_and_count(name, dynamic):
+    got = take(name, dynamic)
+    taken.append(got is not None)
+    return got
+
+runtime._take_speculated = take_and_count
+
+@runtime.cached_jit(static_argnames=("scale",))
+def f(x, y, scale):
+    return jnp.tanh(x @ x.T) * scale + y
+
+x = np.linspace(-1, 1, 64 * 32, dtype=np.float32).reshape(64, 32)
+ahead = {"same": x.copy(), "other": x + 1, "none": None}[sys.argv[2]]
+started = ahead is not None and runtime.speculate("f", [ahead, np.float32(0.5)])
+out = np.asarray(f(x, np.float32(0.5), scale=3.0))
+print(int(started), sum(taken), hashlib.sha256(out.tobytes()).hexdigest())
+"""
+
+
+def test_speculated_first_call_is_used_only_for_equal_arguments(tmp_path):
+    """runtime.speculate runs the program the last process used first, on a background thread;
+    the call gets that result only when its arguments are equal, and it is the same bits."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "jax"
+
+    def run(ahead: str) -> tuple[int, int, str]:
+        proc = subprocess.run([sys.executable, "-c", _SPECULATE_SCRIPT, str(cache), ahead],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        started, taken, digest = proc.stdout.split()
+        return int(started), int(taken), digest
+
+    started, taken, want = run("same")
+    assert (started, taken) == (0, 0)  # nothing kept yet: nothing to run ahead
+    assert run("none") == (0, 0, want)
+    assert run("same") == (1, 1, want)
+    assert run("other") == (1, 0, want)  # run ahead on other values: not used, computed as usual
+
+
+def test_read_ahead_audio_and_its_errors(tmp_path):
+    """The CLI decodes a lone input ahead; the transcription gets that audio, and a failure
+    is raised again when the transcription reads the file, as without the read-ahead."""
+    from whisperjax_cli.audio import load_audio
+    from whisperjax_cli.cli import Input, _read_ahead
+    from whisperjax_cli.errors import AudioError
+
+    clip = Path(__file__).parent / "data" / "numbers.flac"
+    options = {"mode": "sequential", "language": None}
+    one = [Input(str(clip), clip)]
+    assert callable(_read_ahead(one, options))
+    np.testing.assert_array_equal(one[0].loader()(), load_audio(str(clip)))
+    assert _read_ahead([Input(str(clip), clip), Input(str(clip), clip)], options) is None
+    assert _read_ahead([Input("-", None)], options) is None
+    assert _read_ahead(one, {**options, "mode": "batched"}) is None
+
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"not audio at all")
+    broken = [Input(str(bad), bad)]
+    assert callable(_read_ahead(broken, options))
+    with pytest.raises(AudioError) as ahead:
+        broken[0].loader()()
+    with pytest.raises(AudioError) as plain:
+        load_audio(str(bad))
+    assert str(ahead.value) == str(plain.value)

@@ -24,7 +24,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import click
 
@@ -184,16 +184,25 @@ def runtime_options(fn):
     return fn
 
 
-def load_for_cli(model: str, device, dtype, threads, no_compile_cache, loader: Optional[Callable] = None):
+def load_for_cli(model: str, device, dtype, threads, no_compile_cache, loader: Optional[Callable] = None,
+                 on_params: Optional[Callable] = None):
     """Sets up JAX (threads, device, compile cache), then ``loader(model, dtype=dtype)``.
 
-    ``loader`` defaults to :func:`whisperjax_cli.models.load_model`; failures become ModelError.
+    ``loader`` defaults to :func:`whisperjax_cli.models.load_model` (which is then given
+    ``on_params``); failures become ModelError.
     """
     from whisperjax_cli import models, runtime
 
+    if loader is None and "jax" not in sys.modules:
+        if threads is not None:
+            runtime.limit_threads(threads)  # before the preload's threads start (configure repeats it)
+        # The weights are read and laid out on a background thread while JAX imports.
+        models.preload_model(model, dtype, device)
     runtime.configure(device, threads, compile_cache=not runtime.compile_cache_disabled(no_compile_cache))
     try:
-        return (loader or models.load_model)(model, dtype=dtype)
+        if loader is None:
+            return models.load_model(model, dtype=dtype, on_params=on_params)
+        return loader(model, dtype=dtype)
     except WjxError:
         raise
     except (OSError, ValueError) as err:
@@ -210,6 +219,7 @@ class Input:
     label: str
     path: Optional[Path]
     stem: str = ""
+    ahead: Optional[Any] = None  # a Future of the decoded audio (see _read_ahead)
 
     def loader(self) -> Callable:
         """A zero-argument callable decoding this input, so read errors stay with their file."""
@@ -219,7 +229,17 @@ class Input:
             stdin = sys.stdin.buffer
             return lambda: load_audio(io.BytesIO(stdin.read()), name="<stdin>")
         path = str(self.path)
-        return lambda: load_audio(path)
+        ahead = self.ahead
+        if ahead is None:
+            return lambda: load_audio(path)
+
+        def read():
+            try:
+                return ahead.result()
+            except Exception:  # noqa: BLE001 - read again here, which raises the error as usual
+                return load_audio(path)
+
+        return read
 
 
 def collect_inputs(args: tuple[str, ...]) -> tuple[list[Input], list[str]]:
@@ -416,7 +436,9 @@ def run_transcribe(o: dict) -> int:
         inputs = [i for i, d in zip(inputs, done) if not d]
     if not inputs:
         return EXIT_FAILED if errors else EXIT_OK
-    model = load_for_cli(o["model"], o["device"], o["dtype"], o["threads"], o["no_compile_cache"])
+    on_params = _read_ahead(inputs, o)
+    model = load_for_cli(o["model"], o["device"], o["dtype"], o["threads"], o["no_compile_cache"],
+                         on_params=on_params)
     show = o["show_progress"]
     if show is None:
         show = not o["quiet"] and sys.stderr.isatty()
@@ -424,6 +446,65 @@ def run_transcribe(o: dict) -> int:
     with Reporter([i.label for i in inputs], show_progress=show, verbose=o["verbose"]) as reporter:
         failed += _transcribe_all(model, inputs, formats, output_dir, reporter, o)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+READ_AHEAD_SECONDS = 120  # longer inputs: the first window's log-mel needs a pass over it all
+
+
+def _read_ahead(inputs: list[Input], o: dict) -> Optional[Callable]:
+    """Start-up of a short single-file run: what can go on while JAX and the model load.
+
+    For one audio file transcribed in sequential mode, the file is decoded on a background
+    thread from now on (the transcription takes that audio instead of reading it again), and
+    the returned ``load_model(on_params=...)`` hook starts the first window's encoder pass
+    (``runtime.speculate``, on a background thread) as soon as the weights are on the device,
+    while the main thread still loads the tokenizer and imports the decoding code. The window
+    is built as ``Transcriber`` builds it; the encoder result is only used by a call with equal
+    input, so the output cannot change. None (nothing done) for other runs.
+    """
+    if len(inputs) != 1 or inputs[0].path is None or o["mode"] != "sequential":
+        return None
+    import threading
+    from concurrent.futures import Future
+
+    import numpy as np
+
+    from whisperjax_cli import features
+    from whisperjax_cli.audio import SAMPLE_RATE, load_audio  # imported here: the thread imports nothing
+
+    path, audio = str(inputs[0].path), Future()
+
+    def decode():
+        try:
+            audio.set_result(load_audio(path))
+        except BaseException as err:  # noqa: BLE001 - Input.loader reads it again and reports it
+            audio.set_exception(err)
+
+    threading.Thread(target=decode, name="wjx-audio", daemon=True).start()
+    inputs[0].ahead = audio
+    # A multilingual model without --language first encodes the language-ID window: content
+    # frames and one more (Transcriber._language), zeros after.
+    detect = o["language"] is None
+
+    def on_params(params, dims) -> None:
+        from whisperjax_cli import runtime
+
+        try:
+            samples = audio.result()
+        except Exception:  # noqa: BLE001 - reported when the transcription reads it
+            return
+        if len(samples) > READ_AHEAD_SECONDS * SAMPLE_RATE:
+            return
+        # Built here (a few ms): a background thread would wait for the GIL at every numpy call.
+        mel = features.LogMelWindows(samples, dims.n_mels, padding=features.N_SAMPLES)
+        content = mel.n_frames - features.N_FRAMES
+        n = min(features.N_FRAMES, content + 1 if detect and dims.is_multilingual else content)
+        if n > 0:
+            window = np.zeros((1, features.N_FRAMES, dims.n_mels), np.float32)
+            window[0, :n] = mel.frames(0, n)
+            runtime.speculate("encode", [params, window])
+
+    return on_params
 
 
 def _transcribe_all(model, inputs: list[Input], formats, output_dir, reporter, o: dict) -> int:

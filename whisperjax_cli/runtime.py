@@ -188,6 +188,7 @@ class CachedJit:
         self._signature = inspect.signature(fn)
         self._static = frozenset(static_argnames)
         self._compiled: dict = {}
+        self._names: dict = {}  # key -> file name of the kept program
         self._name = f"{fn.__module__}.{fn.__qualname__}"
 
     def __getattr__(self, name):  # lower, trace, eval_shape, clear_cache ... of the jitted function
@@ -221,6 +222,10 @@ class CachedJit:
         compiled = self._compiled.get(key)
         if compiled is None:
             compiled = self._compiled[key] = self._load_or_compile(Path(cache), key, bound)
+        if _speculated:
+            done = _take_speculated(self._names.get(key), dynamic)
+            if done is not None:
+                return done
         return compiled(*dynamic)
 
     def _load_or_compile(self, folder: Path, key, bound):
@@ -229,6 +234,7 @@ class CachedJit:
         treedef, avals, statics = key
         digest = hashlib.sha256(repr((self._name, str(treedef), avals, statics, _environment_key())).encode())
         path = folder / f"wjx-aot-{self._name.rsplit('.', 1)[-1]}-{digest.hexdigest()}"
+        self._names[key] = path.name
         compiled = _take_prefetched(path.name)
         if compiled is None and path.exists():
             try:
@@ -338,11 +344,8 @@ def _preload(path: Path, device):
 
     from jax.experimental import serialize_executable
 
-    class NoImports(serialize_executable._JaxPjrtUnpickler):
-        def find_class(self, module, name):
-            if module not in sys.modules:
-                raise pickle.UnpicklingError(f"{module} is not imported yet")
-            return super().find_class(module, name)
+    class NoImports(_NoImports, serialize_executable._JaxPjrtUnpickler):
+        pass
 
     fmt, payload, trees = pickle.loads(path.read_bytes())  # a tuple of str and bytes
     if fmt != _AOT_FORMAT:
@@ -367,6 +370,103 @@ def _take_prefetched(name: str):
         return jax.stages.Compiled(loaded, [], in_tree.unflatten(args_info_flat), out_tree, no_kwargs=no_kwargs)
     except Exception:  # noqa: BLE001 - JAX changed inside: load it the public way
         return None
+
+
+class _NoImports:
+    """Unpickler mix-in: a class from a module not imported yet makes it give up instead of
+    importing (a background thread importing races the main thread's imports)."""
+
+    def find_class(self, module, name):
+        import pickle
+
+        if module not in sys.modules:
+            raise pickle.UnpicklingError(f"{module} is not imported yet")
+        return super().find_class(module, name)
+
+
+# A first call started ahead: file name of the kept program -> Future of (argument leaves and
+# tree, result) or None. See speculate.
+_speculated: dict = {}
+
+
+def speculate(fn_name: str, args: list) -> bool:
+    """Starts, on a background thread, the first call the last process of this group made to
+    the :class:`CachedJit` function ``fn_name`` (e.g. ``"encode"``), on ``args`` (its dynamic
+    arguments, in order).
+
+    Meant for start-up: the CLI runs the first window's encoder while the main thread still
+    imports the decoding code. The program is the one :func:`prefetch_programs` is loading; the
+    result goes only to the call that picks that very program with these very arguments (JAX
+    arrays: the same objects; numpy arrays: equal values), so it is what that call would have
+    computed. Any other call, or any failure here, computes as usual. Returns whether it started.
+    """
+    import threading
+    from concurrent.futures import Future
+
+    name = next((n for n in _index["saved"] if n.startswith(f"wjx-aot-{fn_name}-")), None)
+    loading = _prefetched.get(name) if name is not None else None
+    if loading is None or name in _speculated:
+        return False
+    future: Future = Future()
+    _speculated[name] = future
+
+    def run():
+        try:
+            future.set_result(_run_ahead(loading, args))
+        except BaseException:  # noqa: BLE001 - the call itself computes it
+            future.set_result(None)
+
+    threading.Thread(target=run, name="wjx-speculate", daemon=True).start()
+    return True
+
+
+def _run_ahead(loading, args: list):
+    import io
+    import pickle
+
+    import jax
+
+    done = loading.result()
+    if done is None:
+        return None
+    loaded, args_info_flat, no_kwargs, trees = done
+
+    class Trees(_NoImports, pickle.Unpickler):
+        pass
+
+    in_tree, out_tree = Trees(io.BytesIO(trees)).load()
+    compiled = jax.stages.Compiled(loaded, [], in_tree.unflatten(args_info_flat), out_tree, no_kwargs=no_kwargs)
+    result = compiled(*args)
+    return jax.tree_util.tree_flatten(list(args)), result
+
+
+def _take_speculated(name, dynamic):
+    """The result :func:`speculate` computed ahead for this call, or None (once per program)."""
+    import jax
+
+    future = _speculated.pop(name, None)
+    done = future.result() if future is not None else None
+    if done is None:
+        return None
+    (leaves, treedef), result = done
+    now, now_treedef = jax.tree_util.tree_flatten(list(dynamic))
+    if now_treedef != treedef or len(now) != len(leaves):
+        return None
+    return result if all(_same_value(a, b) for a, b in zip(now, leaves)) else None
+
+
+def _same_value(a, b) -> bool:
+    """Whether two argument leaves are one value: JAX arrays only when the very same object,
+    numpy arrays and scalars, and Python scalars, when of one type and equal."""
+    import numpy as np
+
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (np.ndarray, np.generic)):
+        return a.dtype == b.dtype and a.shape == b.shape and bool(np.array_equal(a, b))
+    return isinstance(a, (bool, int, float, complex)) and a == b
 
 
 def _note_use(name: str) -> None:
