@@ -145,3 +145,51 @@ def test_batched_encode_runs_in_chunks_and_matches_single_windows(tiny_en, clip_
         assert out.shape == (len(batch), 1500, 384)
         for got, want in zip(out, single):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_rows_moved_to_smaller_batches_decode_as_they_would_alone(tiny_en, clip_audio):
+    """Four clips of different lengths in one batch: the loop shrinks 4 -> 2 -> 1 rows as they
+    end (decode_phases); each clip's tokens and log probability equal its own batch-of-one run."""
+    from whisperjax_cli.decoding import phase_sizes
+    from whisperjax_cli.transcribe import transcribe_files
+
+    assert phase_sizes(8) == (8, 4, 2, 1) and phase_sizes(5) == (5, 2, 1) and phase_sizes(1) == (1,)
+    names = ("cards-001.flac", "goforward.flac", "something.wav", "cards-002.flac")
+    kwargs = dict(temperature=0.0, without_timestamps=True, batch_size=4)
+    together = {e.index: e.transcript for e in transcribe_files(tiny_en, [clip_audio[n] for n in names], **kwargs)
+                if e.transcript is not None}
+    lengths = set()
+    for i, name in enumerate(names):
+        alone = transcribe(tiny_en, clip_audio[name], **kwargs)
+        got, want = together[i].segments[0], alone.segments[0]
+        assert got.tokens == want.tokens, name
+        assert abs(got.avg_logprob - want.avg_logprob) < 1e-4, name
+        lengths.add(len(want.tokens))
+    assert len(lengths) >= 3  # rows really end at different steps
+
+
+def test_best_of_rows_keep_their_own_audio_when_the_batch_shrinks(tiny_en, clip_audio):
+    """best_of=3 samples of two windows (6 rows, audio shared in groups of 3) at a temperature so
+    low that sampling is argmax: every sample must equal its window's greedy tokens, through
+    the phases 6 -> 3 -> 1 where each row's audio keys/values are gathered from its group."""
+    import jax
+
+    from whisperjax_cli.decoding import DecodingOptions, LazyKey, WindowDecoder
+    from whisperjax_cli.features import N_FRAMES, log_mel_spectrogram, pad_or_trim
+
+    decoder = WindowDecoder(tiny_en, DecodingOptions(best_of=3, without_timestamps=True))
+    prompt = list(tiny_en.tokenizer.sot_sequence) + [tiny_en.tokenizer.no_timestamps]
+    pair = ("cards-001.flac", "forever-44k-stereo.flac")  # 4 and 9 tokens
+    for names in (pair, pair[::-1]):  # either window may end first
+        mels = np.stack([pad_or_trim(log_mel_spectrogram(clip_audio[n]), N_FRAMES) for n in names])
+        audio = decoder.encode(mels)
+        greedy = decoder._decode_rows(audio, [0, 1], [prompt, prompt], len(prompt), 0.0, None)
+        decoder._best = lambda candidates: candidates  # keep all three samples, not the best
+        sampled = decoder._decode_rows(audio, [0, 1], [prompt, prompt], len(prompt), 1e-4,
+                                       LazyKey(jax.random.PRNGKey(1)))
+        del decoder._best
+        assert len(greedy[0].tokens) != len(greedy[1].tokens)
+        for g, samples in zip(greedy, sampled):
+            assert len(samples) == 3
+            for s in samples:
+                assert s.tokens == g.tokens and s.temperature == 1e-4, names

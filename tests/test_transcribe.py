@@ -53,14 +53,21 @@ def test_sequential_long_form_matches_faster_whisper(tiny_en, long_audio, sequen
 
 
 def test_segment_starts_within_half_a_second_of_faster_whisper_on_every_clip(tiny_en, clip_audio):
+    """Clips where a side fell back to sampling (tiny.en on the Russian clip) are random draws on
+    both sides, so only greedy results are compared; nearly every clip is."""
     fw = faster_whisper_model(tiny_en)
+    compared = 0
     for clip in CLIPS:
         audio = clip_audio[clip.name]
         ours = transcribe(tiny_en, audio).segments
         theirs = list(fw.transcribe(audio, beam_size=1)[0])
+        if any(s.temperature > 0 for s in ours) or any(s.temperature > 0 for s in theirs):
+            continue
+        compared += 1
         assert len(ours) == len(theirs), clip.name
         for a, b in zip(ours, theirs):
             assert abs(a.start - b.start) <= 0.5, (clip.name, a, b)
+    assert compared >= len(CLIPS) - 2
 
 
 def test_batched_mode_keeps_the_words_and_the_order(tiny_en, long_audio, sequential):

@@ -93,6 +93,7 @@ def decode_loop(
     begin_mask: Array,
     temperature: Array,
     config: LoopConfig,
+    stop_at_active: int = 0,
 ) -> LoopState:
     """Samples until every row has produced end-of-text or ``sample_len`` tokens.
 
@@ -100,11 +101,13 @@ def decode_loop(
       step_fn: ``(tokens [batch, 1], cache, index) -> (logits [batch, vocab], cache)``.
       state: the state after the prompt: ``cur == sample_begin``, ``logits`` for that slot.
       temperature: float32 scalar, used when ``config.sample`` (greedy otherwise).
+      stop_at_active: also stop once at most this many rows are unfinished (see
+        :func:`decode_phases`); ``state.logits`` then hold the next slot's logits of every row.
     """
     end = sample_begin + config.sample_len
 
     def cond(s: LoopState):
-        return (s.cur < end) & ~jnp.all(s.done)
+        return (s.cur < end) & (jnp.sum(~s.done) > stop_at_active)
 
     def body(s: LoopState) -> LoopState:
         logits = filter_logits(s.logits, s.tokens, s.cur, sample_begin, suppress_mask, begin_mask, config)
@@ -129,6 +132,47 @@ def decode_loop(
         return LoopState(tokens, s.cur + 1, next_logits, cache, sum_logprobs, done, key)
 
     return jax.lax.while_loop(cond, body, state)
+
+
+def phase_sizes(batch: int) -> tuple[int, ...]:
+    """Batch sizes the decode loop shrinks through: ``8 -> (8, 4, 2, 1)``, ``5 -> (5, 2, 1)``."""
+    sizes = [batch]
+    while sizes[-1] > 1:
+        sizes.append(sizes[-1] // 2)
+    return tuple(sizes)
+
+
+def decode_phases(module: Whisper, params, state: LoopState, pad: Array, group: int, sample_begin: Array,
+                  suppress_mask: Array, begin_mask: Array, temperature: Array, config: LoopConfig) -> LoopState:
+    """:func:`decode_loop`, moving the unfinished rows into ever smaller batches.
+
+    A row that runs to ``sample_len`` (a repetition loop) would keep the whole batch stepping
+    long after the others ended; instead each phase stops once its unfinished rows fit the
+    next size of :func:`phase_sizes`, and the next phase continues with just those rows (their
+    tokens, logits and cache gathered, audio keys/values per row). Finished rows are written
+    back into the full-size state, whose tokens are returned. Every phase is part of the one
+    jitted program; a batch of one has a single phase.
+    """
+    sizes = phase_sizes(state.tokens.shape[0])
+    full_tokens, full_sums = state.tokens, state.sum_logprobs
+    rows = jnp.arange(sizes[0])  # the full-batch row of each row of `state`
+    for i, size in enumerate(sizes):
+        if i:
+            keep = jnp.argsort(state.done, stable=True)[:size]  # unfinished rows first
+            rows = rows[keep]
+            audio_rows = rows // group if i == 1 else keep  # group rows share one audio in phase 0
+            cache = state.cache
+            take = lambda xs, idx: tuple(x[idx] for x in xs)  # noqa: E731
+            cache = cache.replace(self_k=take(cache.self_k, keep), self_v=take(cache.self_v, keep),
+                                  cross_k=take(cache.cross_k, audio_rows), cross_v=take(cache.cross_v, audio_rows))
+            state = LoopState(state.tokens[keep], state.cur, state.logits[keep], cache, state.sum_logprobs[keep],
+                              state.done[keep], state.key)
+        stop = sizes[i + 1] if i + 1 < len(sizes) else 0
+        state = decode_loop(_model_step(module, params, pad[rows]), state, sample_begin, suppress_mask,
+                            begin_mask, temperature, config, stop)
+        full_tokens = full_tokens.at[rows].set(state.tokens)
+        full_sums = full_sums.at[rows].set(state.sum_logprobs)
+    return state.replace(tokens=full_tokens, sum_logprobs=full_sums)
 
 
 def _model_step(module: Whisper, params, pad: Array):
@@ -195,10 +239,8 @@ def decode_window(
         done=jnp.zeros((batch,), bool),
         key=key,
     )
-    state = decode_loop(
-        _model_step(module, params, pad), state, jnp.int32(prompt_len), suppress_mask, begin_mask,
-        temperature, config,
-    )
+    state = decode_phases(module, params, state, pad, group, jnp.int32(prompt_len), suppress_mask, begin_mask,
+                          temperature, config)
     return DecodeOutput(state.tokens[:, prompt_len:], state.sum_logprobs, no_speech_prob)
 
 
