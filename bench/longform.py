@@ -4,8 +4,14 @@ faster-whisper (sequential greedy and beam 5) on the same audio, weights and set
 The audio is espeak-ng reading the Apache License 2.0 (Debian's /usr/share/common-licenses),
 paragraph by paragraph with 1.2 s pauses, and 60 s of faint noise in the middle: about ten
 minutes of English that no test tunes to. WER is computed under Whisper's English text
-normalizer (the ``whisper-normalizer`` package) with jiwer. RTFx = audio seconds / wall seconds,
-after one warm-up pass per configuration on the first minute (so compiles are not counted).
+normalizer (the ``whisper-normalizer`` package) with jiwer. RTFx = audio seconds / mean wall seconds.
+
+Fallback sampling (temperature > 0) is random on both sides, and one window's draw changes the
+prompt of every later one, so a single run of either side moves by several WER points and tens
+of percent in time. Each row is therefore the mean of ``--seeds`` timed passes, one sampling seed
+each (``jax.random.PRNGKey(seed)`` here, ``ctranslate2.set_random_seed(seed)`` for
+faster-whisper). Before timing, wjx runs one untimed pass over the whole audio, so the prompt and
+batch buckets it compiles are not counted; faster-whisper warms up on the first minute.
 
 With ``--memory-hours H`` it also synthesises an H-hour input (the speech at its start and its end,
 dither under -80 dBFS between, which is skipped undecoded, so the run takes minutes, not an hour) and reports the peak RSS of a
@@ -70,20 +76,34 @@ def wer(reference: str, hypothesis: str) -> float:
     return 100 * jiwer.wer(norm(reference), norm(hypothesis))
 
 
-def run_ours(model, audio, **kwargs) -> tuple[str, float]:
+def run_ours(model, audio, seeds, **kwargs) -> list[tuple[str, float]]:
+    """One untimed pass over the whole audio (it compiles every prompt/batch bucket the run
+    meets), then one timed pass per seed (the PRNG key of the fallback samples)."""
+    import jax
+
     from whisperjax_cli.transcribe import transcribe
 
-    transcribe(model, audio[: 60 * SR], **kwargs)  # warm-up: compiles this configuration
-    t0 = time.perf_counter()
-    text = transcribe(model, audio, **kwargs).text
-    return text, time.perf_counter() - t0
+    transcribe(model, audio, key=jax.random.PRNGKey(10_000), **kwargs)
+    runs = []
+    for seed in seeds:
+        t0 = time.perf_counter()
+        text = transcribe(model, audio, key=jax.random.PRNGKey(seed), **kwargs).text
+        runs.append((text, time.perf_counter() - t0))
+    return runs
 
 
-def run_faster_whisper(fw, audio, **kwargs) -> tuple[str, float]:
+def run_faster_whisper(fw, audio, seeds, **kwargs) -> list[tuple[str, float]]:
+    """A warm-up on the first minute, then one timed pass per seed (CTranslate2's sampling seed)."""
+    import ctranslate2
+
     list(fw.transcribe(audio[: 60 * SR], **kwargs)[0])
-    t0 = time.perf_counter()
-    text = "".join(s.text for s in fw.transcribe(audio, **kwargs)[0])
-    return text, time.perf_counter() - t0
+    runs = []
+    for seed in seeds:
+        ctranslate2.set_random_seed(seed)
+        t0 = time.perf_counter()
+        text = "".join(s.text for s in fw.transcribe(audio, **kwargs)[0])
+        runs.append((text, time.perf_counter() - t0))
+    return runs
 
 
 def memory_run(model: str, hours: float, mode: str) -> dict:
@@ -117,6 +137,7 @@ def main() -> int:
     parser.add_argument("--model", default="tiny.en")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seeds", type=int, default=3, help="timed passes per row, one sampling seed each")
     parser.add_argument("--skip", nargs="*", default=[], help="rows to skip, e.g. 'fw-beam5' 'wjx-beam5'")
     parser.add_argument("--memory-hours", type=float, default=0.0)
     parser.add_argument("--memory-mode", default="sequential")
@@ -133,29 +154,35 @@ def main() -> int:
     model = load_model(args.model, dtype="float32")
     fw = FasterWhisper(str(model.path), device="cpu", compute_type="float32", cpu_threads=args.threads)
     print(f"audio: {duration / 60:.1f} min, model {args.model}, {args.threads} threads, float32")
+    seeds = list(range(args.seeds))
     rows = {
-        "fw-greedy": lambda: run_faster_whisper(fw, audio, beam_size=1),
-        "fw-beam5": lambda: run_faster_whisper(fw, audio, beam_size=5),
-        "wjx-greedy": lambda: run_ours(model, audio),
-        "wjx-beam5": lambda: run_ours(model, audio, beam_size=5),
-        "wjx-batched": lambda: run_ours(model, audio, mode="batched", batch_size=args.batch_size),
+        "fw-greedy": lambda: run_faster_whisper(fw, audio, seeds, beam_size=1),
+        "fw-beam5": lambda: run_faster_whisper(fw, audio, seeds, beam_size=5),
+        "wjx-greedy": lambda: run_ours(model, audio, seeds),
+        "wjx-beam5": lambda: run_ours(model, audio, seeds, beam_size=5),
+        "wjx-batched": lambda: run_ours(model, audio, seeds, mode="batched", batch_size=args.batch_size),
     }
     results = {}
     if args.memory_only:
         rows = {}
-    print(f"{'configuration':14} {'WER %':>7} {'seconds':>8} {'RTFx':>7}")
+    print(f"{len(seeds)} timed passes per row (seeds {seeds}); WER and seconds: mean [min, max]")
+    print(f"{'configuration':14} {'WER %':>21} {'seconds':>20} {'RTFx':>6}")
     for name, fn in rows.items():
         if name in args.skip:
             continue
-        text, seconds = fn()
-        results[name] = dict(wer=wer(reference, text), seconds=seconds, rtfx=duration / seconds)
-        r = results[name]
-        print(f"{name:14} {r['wer']:7.2f} {r['seconds']:8.1f} {r['rtfx']:7.1f}", flush=True)
-        (OUT / f"{name}.txt").write_text(text)
+        runs = fn()
+        wers = [wer(reference, text) for text, _ in runs]
+        secs = [seconds for _, seconds in runs]
+        r = results[name] = dict(wer=float(np.mean(wers)), wers=wers, seconds=float(np.mean(secs)), all_seconds=secs,
+                                 rtfx=duration / float(np.mean(secs)))
+        print(f"{name:14} {r['wer']:6.2f} [{min(wers):6.2f}, {max(wers):6.2f}] "
+              f"{r['seconds']:6.1f} [{min(secs):5.1f}, {max(secs):5.1f}] {r['rtfx']:6.1f}", flush=True)
+        (OUT / f"{name}.txt").write_text(runs[0][0])
     if "fw-greedy" in results:
         base = results["fw-greedy"]
         for name, r in results.items():
             print(f"{name:14} speed vs fw-greedy: {r['rtfx'] / base['rtfx']:.2f}x, WER delta {r['wer'] - base['wer']:+.2f}")
+    (OUT / "longform.json").write_text(json.dumps(results, indent=1))
     if args.memory_hours:
         mem = memory_run(args.model, args.memory_hours, args.memory_mode)
         print(f"memory: {args.memory_hours} h input ({mem['audio_mb']:.0f} MB of 16 kHz audio), {args.memory_mode}: "
