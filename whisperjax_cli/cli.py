@@ -200,9 +200,9 @@ def load_for_cli(model: str, device, dtype, threads, no_compile_cache, loader: O
         models.preload_model(model, dtype, device)
     runtime.configure(device, threads, compile_cache=not runtime.compile_cache_disabled(no_compile_cache))
     try:
-        if loader is None:
+        if loader is None and on_params is not None:
             return models.load_model(model, dtype=dtype, on_params=on_params)
-        return loader(model, dtype=dtype)
+        return (loader or models.load_model)(model, dtype=dtype)
     except WjxError:
         raise
     except (OSError, ValueError) as err:

@@ -233,9 +233,10 @@ def default_dtype():
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
-def _laid_out(path: Path, dtype: np.dtype) -> tuple[ModelFiles, dict]:
+def _laid_out(path: Path, dtype: np.dtype, spare: int = 0) -> tuple[ModelFiles, dict]:
     """The model's files, and its parameter tree as numpy arrays already cast to ``dtype`` and
-    laid out for the device (no JAX needed: this can run before JAX is imported)."""
+    laid out for the device (no JAX needed: this can run before JAX is imported). ``spare``:
+    cores left to other work (the import running beside it)."""
     from whisperjax_cli import weights
 
     files = read_model_dir(path, float32=False)
@@ -245,7 +246,7 @@ def _laid_out(path: Path, dtype: np.dtype) -> tuple[ModelFiles, dict]:
     # buffers are adopted, not copied. One jnp.asarray per tensor cost ~0.1 s for tiny.en.
     names = sorted(flat, key=lambda k: -flat[k].size)  # biggest first
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    with ThreadPoolExecutor(max(1, min(4, workers))) as pool:
+    with ThreadPoolExecutor(max(1, min(4, workers - spare))) as pool:
         done = dict(zip(names, pool.map(lambda k: weights.device_layout(flat[k], dtype), names)))
     return files, weights.unflatten({k: done[k] for k in flat})
 
@@ -308,7 +309,8 @@ def preload_model(name_or_path: str, dtype: Any = None, device: Optional[str] = 
 
     def work():
         try:
-            future.set_result(_laid_out(path, guessed))
+            # One core is left to the main thread, whose import of JAX is the critical path.
+            future.set_result(_laid_out(path, guessed, spare=1))
         except BaseException as err:  # noqa: BLE001 - load_model reads the files again and raises
             future.set_exception(err)
 
