@@ -351,15 +351,18 @@ def load_model(name_or_path: str = "tiny.en", dtype: Any = None, on_params=None)
     dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(default_dtype())
     path = resolve_model(name_or_path)
     group = f"{path.resolve()}|{dtype}|{runtime.default_device()}"
+    if _preloading.get("key") == (str(path), np.dtype(dtype)):
+        # The compiled programs this model ran first last time load on a background thread
+        # from now on, while the last weights are laid out and the tokenizer and the decoding
+        # modules load.
+        runtime.prefetch_programs(group)
     preloaded = _take_preloaded(path, dtype)
     if preloaded is not None:
-        # The compiled programs this model ran first last time load on a background thread
-        # while the weights move and the tokenizer and the decoding modules load.
-        runtime.prefetch_programs(group)
         files, host_params = preloaded
     else:
         files, host_params = _laid_out(path, dtype)
-        # Started after the weights here: both cores were busy laying them out.
+        # Started after the weights here: both cores were busy laying them out (and once
+        # started above, this does nothing: the programs are already under way).
         runtime.prefetch_programs(group)
     params = jax.device_put(host_params)
     if on_params is not None:
