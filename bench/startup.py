@@ -91,7 +91,11 @@ def main() -> int:
     from whisperjax_cli.models import resolve_model
 
     model_dir = resolve_model(args.model)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WJX_", "JAX_", "XLA_"))}
+    # PYTHONDONTWRITEBYTECODE (set in some sandboxes) is dropped: with an editable install it
+    # made every wjx run compile the package from source (~50 ms), while faster-whisper's
+    # site-packages came with the .pyc files that pip writes; users get those for both.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("WJX_", "JAX_", "XLA_")) and k != "PYTHONDONTWRITEBYTECODE"}
     work = Path(tempfile.mkdtemp(prefix="wjx-startup-"))
     try:
         clip = cut_clip(args.clip, args.seconds, work / "clip.flac")
