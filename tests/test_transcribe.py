@@ -10,7 +10,7 @@ import pysubs2
 import pytest
 
 from conftest import CLIPS, faster_whisper_model
-from whisperjax_cli.transcribe import split_regions, transcribe, transcribe_files, transcribe_segments
+from whisperjax_cli.transcribe import _Stream, split_regions, transcribe, transcribe_files, transcribe_segments
 from whisperjax_cli.writers import get_writer
 
 
@@ -133,3 +133,18 @@ def test_real_srt_and_vtt_parse_back(sequential):
         for event, seg in zip(subs, sequential.segments):
             assert event.start == round(seg.start * 1000) and event.end == round(seg.end * 1000)
             assert event.plaintext.strip() == seg.text.strip()
+
+
+def test_a_window_skipped_as_silence_resets_the_prompt_only_if_it_had_text(tiny_en):
+    """No-speech skip (p > 0.6, avg logprob < -1): seek moves a whole window either way; the
+    prompt is dropped when the model wrote text there, kept when it wrote none."""
+    from whisperjax_cli.decoding import DecodingResult
+    from whisperjax_cli.transcribe import make_transcriber
+
+    transcriber = make_transcriber(tiny_en)
+    for text, reset in ((" and the", True), ("", False)):
+        stream = _Stream(0, [(0, 9000)], [1, 2, 3])
+        result = DecodingResult([], text, -3.0, -1.5, 0.9, 0.0, 1.0)
+        transcriber._advance(stream, 3000, result)
+        assert stream.seek == 3000 and stream.segments == []
+        assert stream.prompt_reset_since == (3 if reset else 0), text
