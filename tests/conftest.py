@@ -38,3 +38,37 @@ def faster_whisper_model(model):
     from faster_whisper import WhisperModel
 
     return WhisperModel(str(model.path), device="cpu", compute_type="float32", cpu_threads=os.cpu_count() or 2)
+
+
+# ---------------------------------------------------------------- the CLI in-process (test_cli*)
+
+
+def cli_invoker(monkeypatch, tmp_path):
+    """Prepares an in-process ``wjx`` run in ``tmp_path`` (no persistent compile cache, no
+    ``WJX_MODEL``) and returns ``invoke(*args, input=None) -> click Result``; exceptions other
+    than SystemExit propagate, so a crash is a test error rather than an exit code."""
+    from click.testing import CliRunner
+
+    from whisperjax_cli.cli import cli
+
+    monkeypatch.setenv("WJX_NO_COMPILE_CACHE", "1")
+    monkeypatch.delenv("WJX_MODEL", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+    def invoke(*args, input=None):
+        result = CliRunner().invoke(cli, [str(a) for a in args], input=input)
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return result
+
+    return invoke
+
+
+def no_model(monkeypatch):
+    """Makes loading a model fail the test: the command must stop before it."""
+    from whisperjax_cli import models
+
+    def refuse(*_, **__):
+        raise AssertionError("the model should not be loaded")
+
+    monkeypatch.setattr(models, "load_model", refuse)

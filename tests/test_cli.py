@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pysubs2
 import pytest
-from click.testing import CliRunner
 
+from conftest import cli_invoker, no_model
 from whisperjax_cli import models, transcribe as transcribe_module, writers
-from whisperjax_cli.cli import cli
 
 DATA = Path(__file__).parent / "data"
 GO = DATA / "goforward.flac"  # " Go forward 10 meters." (2.8 s)
@@ -54,27 +53,10 @@ def run(model, monkeypatch, tmp_path):
 
     real_load = models.load_model
     monkeypatch.setattr(models, "load_model", load_shared)
-    monkeypatch.setenv("WJX_NO_COMPILE_CACHE", "1")
+    invoke = cli_invoker(monkeypatch, tmp_path)
     monkeypatch.setenv("WJX_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("WJX_MODEL", raising=False)
-    monkeypatch.chdir(tmp_path)
-
-    def invoke(*args, input=None):
-        result = CliRunner().invoke(cli, [str(a) for a in args], input=input)
-        if result.exception is not None and not isinstance(result.exception, SystemExit):
-            raise result.exception
-        return result
-
     invoke.load_calls = calls
     return invoke
-
-
-def _no_model(monkeypatch):
-    """Makes loading a model fail the test: the command must stop before it."""
-    def refuse(*_, **__):
-        raise AssertionError("the model should not be loaded")
-
-    monkeypatch.setattr(models, "load_model", refuse)
 
 
 def _files(folder: Path) -> list[str]:
@@ -117,7 +99,7 @@ def test_version(run):
     ],
 )
 def test_usage_errors_exit_2_before_loading(run, monkeypatch, args, message):
-    _no_model(monkeypatch)
+    no_model(monkeypatch)
     result = run(*args)
     assert result.exit_code == 2, result.stderr
     assert message in result.stderr
@@ -168,7 +150,7 @@ def test_model_from_environment(run, monkeypatch):
 
 
 def test_missing_file_exits_1_without_loading(run, monkeypatch):
-    _no_model(monkeypatch)
+    no_model(monkeypatch)
     result = run("transcribe", "nope.wav")
     assert result.exit_code == 1
     assert result.stderr == "wjx: nope.wav: no such file\n"
@@ -204,7 +186,7 @@ def test_folder_mixing_good_and_bad_files(run, tmp_path):
 
 
 def test_folder_without_audio_is_a_failure(run, monkeypatch, tmp_path):
-    _no_model(monkeypatch)
+    no_model(monkeypatch)
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text("x")
     result = run("transcribe", tmp_path / "docs")

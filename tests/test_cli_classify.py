@@ -13,10 +13,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
+from conftest import cli_invoker, no_model
 from whisperjax_cli import models
-from whisperjax_cli.cli import cli, print_classify_table
+from whisperjax_cli.cli_classify import print_classify_table
 
 DATA = Path(__file__).parent / "data"
 RU = DATA / "russian-8k.wav"
@@ -35,24 +35,7 @@ def run(base, tiny_en, monkeypatch, tmp_path):
         return found if found is not None else real_load(name, dtype)
 
     monkeypatch.setattr(models, "load_model", load_shared)
-    monkeypatch.setenv("WJX_NO_COMPILE_CACHE", "1")
-    monkeypatch.delenv("WJX_MODEL", raising=False)
-    monkeypatch.chdir(tmp_path)
-
-    def invoke(*args, input=None):
-        result = CliRunner().invoke(cli, [str(a) for a in args], input=input)
-        if result.exception is not None and not isinstance(result.exception, SystemExit):
-            raise result.exception
-        return result
-
-    return invoke
-
-
-def _no_model(monkeypatch):
-    def refuse(*_, **__):
-        raise AssertionError("the model should not be loaded")
-
-    monkeypatch.setattr(models, "load_model", refuse)
+    return cli_invoker(monkeypatch, tmp_path)
 
 
 # ---------------------------------------------------------------- language ID
@@ -131,7 +114,7 @@ def test_bad_model_exits_3(run):
 
 
 def test_usage_errors_exit_2_before_loading(run, monkeypatch):
-    _no_model(monkeypatch)
+    no_model(monkeypatch)
     for args, message in [
         (["classify"], "Missing argument 'FILE...'"),
         (["classify", "--windows", "0", "x.wav"], "--windows"),
@@ -186,7 +169,7 @@ def test_train_then_classify_with_the_head(run, tmp_path):
 
 
 def test_train_refuses_a_folder_that_is_not_a_classifier(run, monkeypatch, tmp_path):
-    _no_model(monkeypatch)
+    no_model(monkeypatch)
     (tmp_path / "data").mkdir()
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text('{"architectures": ["WhisperForConditionalGeneration"]}')

@@ -219,3 +219,21 @@ class LogMelWindows:
         stop = min(stop, self.n_frames)
         log_spec = np.maximum(self._log10(start, stop), self.max - 8.0)
         return ((log_spec + 4.0) / 4.0).astype(np.float32)
+
+
+def model_window(mel: LogMelWindows, start: int, n: int) -> np.ndarray:
+    """Frames ``[start, start + n)`` of ``mel``, zero-padded to one model window ``[N_FRAMES, n_mels]``."""
+    window = np.zeros((N_FRAMES, mel.n_mels), np.float32)
+    if n > 0:
+        window[:n] = mel.frames(start, start + n)
+    return window
+
+
+def first_window(mel: LogMelWindows, content_frames: int, language_id: bool) -> np.ndarray:
+    """The first window a transcription encodes, ``[N_FRAMES, n_mels]``.
+
+    With ``language_id``, the language-ID window: the content and one frame more, zeros after
+    (faster-whisper's window, which keeps the frame centred on the last sample); otherwise the
+    first decoding window. ``wjx transcribe`` encodes it ahead while the model loads.
+    """
+    return model_window(mel, 0, min(N_FRAMES, content_frames + 1 if language_id else content_frames))

@@ -23,7 +23,7 @@ from whisperjax_cli.audio import SAMPLE_RATE, load_audio
 from whisperjax_cli.decoding import (
     DecodingOptions, LazyKey, WindowDecoder, build_prompt, language_logits, language_probs,
 )
-from whisperjax_cli.features import HOP_LENGTH, N_FRAMES, N_SAMPLES, LogMelWindows
+from whisperjax_cli.features import HOP_LENGTH, N_FRAMES, N_SAMPLES, LogMelWindows, first_window, model_window
 from whisperjax_cli.results import Segment, Transcript
 
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
@@ -192,10 +192,7 @@ class Transcriber:
         # The first window with zeros past the content, as faster-whisper does (OpenAI feeds the
         # log-mel of zero audio there instead). Like faster-whisper it keeps the frame centred
         # on the last sample too, so probabilities agree with it to ~1e-4.
-        window = np.zeros((1, N_FRAMES, mel.n_mels), np.float32)
-        n = min(N_FRAMES, content_frames + 1)
-        window[0, :n] = mel.frames(0, n)
-        codes, probs = detect_language_mel(self.model, window)
+        codes, probs = detect_language_mel(self.model, first_window(mel, content_frames, language_id=True)[None])
         best = int(np.argmax(probs[0]))
         return codes[best], float(probs[0, best])
 
@@ -209,9 +206,7 @@ class Transcriber:
         for s in streams:
             f = files[s.file]
             size = min(N_FRAMES, f.content_frames - s.seek, s.clip_end - s.seek)
-            window = np.zeros((N_FRAMES, f.mel.n_mels), np.float32)
-            window[:size] = f.mel.frames(s.seek, s.seek + size)
-            mels.append(window)
+            mels.append(model_window(f.mel, s.seek, size))
             prompt, tail = build_prompt(self.model.tokenizer, f.sot_sequence, s.prompt[s.prompt_reset_since :],
                                         self.options.without_timestamps, self.model.dims.n_text_ctx)
             prompts.append(prompt)
