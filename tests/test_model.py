@@ -31,7 +31,7 @@ def test_eval_shape_every_official_size(name):
 
     logits, cache = jax.eval_shape(step, params, cross)
     assert logits.shape == (2, 1, dims.n_vocab) and logits.dtype == jnp.float32
-    assert cache.self_k[0].shape == (2, dims.n_text_head, 16, dims.n_text_state // dims.n_text_head)
+    assert cache.self_k[0].shape == (2 * dims.n_text_head, 16, dims.n_text_state // dims.n_text_head)
     # The name table covers every parameter exactly once.
     leaves = {"/".join(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
     assert leaves == {ours for ours, _, _ in name_table(dims)}
@@ -73,7 +73,7 @@ def test_cached_step_by_step_equals_teacher_forcing():
     np.testing.assert_allclose(np.stack(steps, 1), full, atol=1e-5)
     # The buffers were written at slots 0..4 and nowhere else.
     k = np.asarray(cache.self_k[0])
-    assert np.abs(k[:, :, :5]).sum() > 0 and np.all(k[:, :, 5:] == 0)
+    assert np.abs(k[:, :5]).sum() > 0 and np.all(k[:, 5:] == 0)
 
 
 def test_left_padding_is_invisible():
@@ -118,4 +118,4 @@ def test_rows_sharing_an_audio_equal_repeating_it():
     a, _ = model.apply({"params": params}, tokens, grouped, jnp.int32(0), method=Whisper.decode)
     b, _ = model.apply({"params": params}, tokens, repeated, jnp.int32(0), method=Whisper.decode)
     np.testing.assert_allclose(a, b, atol=1e-5)
-    assert grouped.cross_k[0].shape[0] == 2 and grouped.self_k[0].shape[0] == 6
+    assert grouped.cross_k[0].shape[0] == 2 and grouped.self_k[0].shape[0] == 6 * dims.n_text_head

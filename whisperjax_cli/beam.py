@@ -276,14 +276,20 @@ def beam_search_window(
     cross_k, cross_v = cache.cross_k, cache.cross_v
     beam_pad = jnp.repeat(pad, beam_size, axis=0)
 
+    # The beam loop gathers rows on the leading axis; the model's self-attention buffers fold
+    # rows and heads into one (see KVCache), so the loop holds them as [rows, heads, ...].
+    heads = module.dims.n_text_head
+    rows_view = lambda xs: tuple(x.reshape(-1, heads, *x.shape[1:]) for x in xs)  # noqa: E731
+    model_view = lambda xs: tuple(x.reshape(-1, *x.shape[2:]) for x in xs)  # noqa: E731
+
     def step(token, self_kv, index):
-        full = KVCache(self_k=self_kv[0], self_v=self_kv[1], cross_k=cross_k, cross_v=cross_v)
+        full = KVCache(self_k=model_view(self_kv[0]), self_v=model_view(self_kv[1]), cross_k=cross_k, cross_v=cross_v)
         logits, full = module.apply({"params": params}, token, full, index, beam_pad, method=Whisper.decode)
-        return logits[:, -1], (full.self_k, full.self_v)
+        return logits[:, -1], (rows_view(full.self_k), rows_view(full.self_v))
 
     buffer = jnp.concatenate([prompt, jnp.full((batch, config.sample_len), config.eot, jnp.int32)], axis=1)
     tokens, sum_logprobs = beam_search(
-        step, buffer, last_logits, (cache.self_k, cache.self_v), jnp.int32(prompt_len),
+        step, buffer, last_logits, (rows_view(cache.self_k), rows_view(cache.self_v)), jnp.int32(prompt_len),
         suppress_mask, begin_mask, config, beam_size, patience, length_penalty, finish_top_only,
     )
     return DecodeOutput(tokens, sum_logprobs, no_speech_prob)

@@ -23,13 +23,17 @@ _NEG_INF = -1e9  # added to masked attention scores; finite so fully-masked rows
 
 @flax.struct.dataclass
 class KVCache:
-    """Per-layer key/value buffers for the decoder, head-major ``[batch, heads, length, head_dim]``.
+    """Per-layer key/value buffers for the decoder, head-major.
 
-    ``self_k``/``self_v`` have ``length`` = the decode buffer length (static) and are written
-    at the current index; ``cross_k``/``cross_v`` have ``length`` = ``n_audio_ctx`` and are
-    written once per audio window. Head-major storage lets each step's attention read the
-    buffers in place; a ``[batch, length, state]`` layout made XLA transpose every layer's
-    audio keys and values at every token.
+    ``cross_k``/``cross_v`` are ``[batch, heads, n_audio_ctx, head_dim]``, written once per
+    audio window. ``self_k``/``self_v`` are ``[batch * heads, length, head_dim]`` (row ``r``'s
+    heads at ``r * heads ...``), ``length`` the static decode buffer, written at the current
+    index. Head-major storage lets each step's attention read the buffers in place (a
+    ``[batch, length, state]`` layout made XLA transpose every layer's audio keys and values
+    at every token); folding batch and heads into one axis lets the attention read the
+    buffer the step just wrote without a reshape, and XLA then writes it in place (with
+    ``[batch, heads, ...]`` it copied every layer's buffers several times per token at batch 1).
+    Use :func:`take_rows` to gather rows.
     """
 
     self_k: tuple[Array, ...]
@@ -39,7 +43,7 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        return self.self_k[0].shape[2]
+        return self.self_k[0].shape[1]
 
 
 def init_cache(dims: ModelDimensions, cross_kv: tuple, length: int, dtype=jnp.float32, group: int = 1) -> KVCache:
@@ -54,9 +58,24 @@ def init_cache(dims: ModelDimensions, cross_kv: tuple, length: int, dtype=jnp.fl
     """
     keys, values = cross_kv
     batch = keys[0].shape[0] * group
-    shape = (batch, dims.n_text_head, length, dims.n_text_state // dims.n_text_head)
+    shape = (batch * dims.n_text_head, length, dims.n_text_state // dims.n_text_head)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(dims.n_text_layer))
     return KVCache(self_k=zeros, self_v=zeros, cross_k=tuple(keys), cross_v=tuple(values))
+
+
+def take_rows(cache: KVCache, rows: Array, audio_rows: Optional[Array] = None) -> KVCache:
+    """The cache of decoder rows ``rows`` (self-attention) and audios ``audio_rows`` (cross;
+    unchanged when None)."""
+    heads = cache.cross_k[0].shape[1]
+
+    def pick(x):
+        return x.reshape(-1, heads, *x.shape[1:])[rows].reshape(-1, *x.shape[1:])
+
+    cache = cache.replace(self_k=tuple(map(pick, cache.self_k)), self_v=tuple(map(pick, cache.self_v)))
+    if audio_rows is not None:
+        cache = cache.replace(cross_k=tuple(x[audio_rows] for x in cache.cross_k),
+                              cross_v=tuple(x[audio_rows] for x in cache.cross_v))
+    return cache
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Array:
@@ -148,9 +167,15 @@ class MultiHeadAttention(nn.Module):
         Returns ``(out, k_buf, v_buf)`` with the updated buffers.
         """
         k, v = self.project_kv(x)  # [batch, heads, q_len, head_dim]
-        k_buf = jax.lax.dynamic_update_slice(k_buf, k.astype(k_buf.dtype), (0, 0, index, 0))
-        v_buf = jax.lax.dynamic_update_slice(v_buf, v.astype(v_buf.dtype), (0, 0, index, 0))
-        return self.out(attention(self._query(x), k_buf, v_buf, mask)), k_buf, v_buf
+        b, h, t, d = k.shape
+        k_buf = jax.lax.dynamic_update_slice(k_buf, k.reshape(b * h, t, d).astype(k_buf.dtype), (0, index, 0))
+        v_buf = jax.lax.dynamic_update_slice(v_buf, v.reshape(b * h, t, d).astype(v_buf.dtype), (0, index, 0))
+        q = self._query(x).reshape(b * h, t, d)
+        scores = jnp.einsum("ntd,nsd->nts", q, k_buf).astype(jnp.float32) * d**-0.5
+        scores = jnp.where(jnp.repeat(mask, h, axis=0), scores, _NEG_INF)  # the mask is per row
+        weights = jax.nn.softmax(scores, axis=-1).astype(v_buf.dtype)
+        out = jnp.einsum("nts,nsd->ntd", weights, v_buf)  # [batch * heads, q_len, head_dim]
+        return self.out(merge_heads(out.reshape(b, h, t, d))), k_buf, v_buf
 
     def cross(self, x: Array, k: Array, v: Array) -> Array:
         """Attention to precomputed audio keys/values (never recomputed per token).
