@@ -193,3 +193,30 @@ def test_best_of_rows_keep_their_own_audio_when_the_batch_shrinks(tiny_en, clip_
             assert len(samples) == 3
             for s in samples:
                 assert s.tokens == g.tokens and s.temperature == 1e-4, names
+
+
+def test_when_every_temperature_fails_the_likeliest_not_repetitive_result_is_kept(tiny_en, monkeypatch):
+    """faster-whisper's rule: the best average log probability among results under the
+    compression threshold (else among all), reported at the last temperature."""
+    from whisperjax_cli.decoding import DecodingOptions, DecodingResult, WindowDecoder
+
+    decoder = WindowDecoder(tiny_en, DecodingOptions(temperatures=(0.0, 0.5, 1.0)))
+    scripted = {  # temperature -> (avg logprob, compression ratio): every one fails
+        0.0: (-0.5, 3.0),  # the likeliest, but too repetitive
+        0.5: (-1.2, 1.5),  # the likeliest of the rest: kept
+        1.0: (-1.8, 1.2),
+    }
+
+    def rows(audio, todo, prompts, tail, temperature, key):
+        lp, cr = scripted[temperature]
+        return [DecodingResult([1, 2], f"t{temperature}", 3 * lp, lp, 0.1, temperature, cr) for _ in todo]
+
+    monkeypatch.setattr(decoder, "_decode_rows", rows)
+    (kept,) = decoder.decode(None, 1, [[1]], 1, jax.random.PRNGKey(0))
+    assert kept.text == "t0.5" and kept.temperature == 1.0
+    scripted.update({0.5: (-1.2, 2.9), 1.0: (-1.8, 2.6)})  # all too repetitive: the likeliest of all
+    (kept,) = decoder.decode(None, 1, [[1]], 1, jax.random.PRNGKey(0))
+    assert kept.text == "t0.0" and kept.temperature == 1.0
+    scripted[0.5] = (-0.2, 1.5)  # one passes: no fallback after it
+    (kept,) = decoder.decode(None, 1, [[1]], 1, jax.random.PRNGKey(0))
+    assert kept.text == "t0.5" and kept.temperature == 0.5

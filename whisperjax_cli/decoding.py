@@ -440,20 +440,35 @@ class WindowDecoder:
         opts = self.options
         key = key if isinstance(key, LazyKey) else LazyKey(key)
         results: list[Optional[DecodingResult]] = [None] * n
+        tried: list[list[DecodingResult]] = [[] for _ in range(n)]
         todo = list(range(n))
-        for i, temperature in enumerate(opts.temperatures):
+        for temperature in opts.temperatures:
             if not todo:
                 break
             key, sub = key.split()
             rows = self._decode_rows(audio, todo, [prompts[r] for r in todo], tail, temperature, sub)
-            last = i == len(opts.temperatures) - 1
             retry = []
             for r, res in zip(todo, rows):
                 results[r] = res
-                if not last and self._needs_fallback(res):
+                tried[r].append(res)
+                if self._needs_fallback(res):
                     retry.append(r)
             todo = retry
+        for r in todo:  # every temperature failed
+            results[r] = self._fallback_choice(tried[r])
         return results  # type: ignore[return-value]
+
+    def _fallback_choice(self, tried: list[DecodingResult]) -> DecodingResult:
+        """The result kept when every temperature failed: faster-whisper's choice, the most
+        likely (average log probability) of those not too repetitive, or of all if none is.
+
+        OpenAI keeps the last, temperature-1.0 sample, often noise. Like faster-whisper, the
+        kept result reports the last temperature, so the prompt reset after it still applies.
+        """
+        limit = self.options.compression_ratio_threshold
+        fine = [r for r in tried if limit is None or r.compression_ratio <= limit]
+        best = max(fine or tried, key=lambda r: r.avg_logprob)
+        return dataclasses.replace(best, temperature=tried[-1].temperature)
 
     def _needs_fallback(self, r: DecodingResult) -> bool:
         o = self.options
