@@ -10,7 +10,7 @@ import pysubs2
 import pytest
 
 from conftest import CLIPS, faster_whisper_model
-from whisperjax_cli.transcribe import _Stream, split_regions, transcribe, transcribe_files, transcribe_segments
+from whisperjax_cli.transcribe import _Stream, split_stretches, transcribe, transcribe_files, transcribe_segments
 from whisperjax_cli.writers import get_writer
 
 
@@ -70,8 +70,15 @@ def test_segment_starts_within_half_a_second_of_faster_whisper_on_every_clip(tin
     assert compared >= len(CLIPS) - 2
 
 
-def test_batched_mode_keeps_the_words_and_the_order(tiny_en, long_audio, sequential):
+def test_batched_mode_keeps_the_words_and_the_order(tiny_en, long_audio, sequential, monkeypatch):
+    import whisperjax_cli.transcribe as module
+
+    monkeypatch.setattr(module, "STRETCH_MIN", 1500)  # ~52 s: three stretches, side by side
+    seen = []
+    monkeypatch.setattr(module.Transcriber, "step", lambda self, files, streams, step=module.Transcriber.step:
+                        (seen.append(len(streams)), step(self, files, streams))[1])
     batched = transcribe(tiny_en, long_audio, mode="batched", batch_size=4)
+    assert max(seen) == 3
     _check_times(batched, len(long_audio) / 16000)
     words = lambda r: [w.strip(".,").lower() for w in r.text.split()]  # noqa: E731
     ref, got = words(sequential), words(batched)
@@ -80,14 +87,19 @@ def test_batched_mode_keeps_the_words_and_the_order(tiny_en, long_audio, sequent
     assert [s.id for s in batched.segments] == list(range(len(batched.segments)))
 
 
-def test_split_regions_cut_at_quiet_points():
+def test_stretches_cut_at_quiet_points_near_equal_shares():
     rng = np.random.default_rng(0)
-    energy = rng.uniform(0, 1, 9000)
-    energy[2500:2520] = -5  # a pause
-    regions = split_regions(energy, 0, 9000)
-    assert regions[0] == (0, regions[0][1]) and 2500 <= regions[0][1] <= 2520
-    assert all(0 < e - s <= 3000 for s, e in regions)
-    assert [r[0] for r in regions[1:]] == [r[1] for r in regions[:-1]] and regions[-1][1] == 9000
+    frames = 100 * 60 * 10  # 10 min
+    energy = rng.uniform(0, 1, frames)
+    energy[30000:30020] = -5  # a pause 10 frames off the half
+    assert split_stretches(energy, 0, frames, 1) == [(0, frames)]
+    halves = split_stretches(energy, 0, frames, 2)
+    assert halves[0][0] == 0 and 30000 <= halves[0][1] <= 30020 and halves[1] == (halves[0][1], frames)
+    many = split_stretches(energy, 0, frames, 64)  # at least 60 s each
+    assert len(many) == 10 and all(5000 <= e - s <= 7000 for s, e in many)  # each cut within 5 s
+    assert [r[0] for r in many[1:]] == [r[1] for r in many[:-1]] and many[-1][1] == frames
+    long = split_stretches(np.zeros(100 * 3600), 0, 100 * 3600, 8)  # 1 h at batch 8: 5 min at most
+    assert len(long) == 12
 
 
 def test_segments_are_a_lazy_generator(tiny_en, long_audio, sequential):

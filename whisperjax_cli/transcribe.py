@@ -7,8 +7,9 @@ batch, refilling a row as soon as its stream ends.
 
 * ``mode="sequential"`` (accuracy, the default): one stream per file, exactly OpenAI's
   semantics; several files are still decoded side by side.
-* ``mode="batched"`` (throughput): each file is cut at quiet points into regions of at most
-  30 s, each region its own stream, so one long file fills the whole batch.
+* ``mode="batched"`` (throughput): each file is cut at quiet points into stretches of 1-5 min,
+  each decoded as its own stream, so one long file fills the whole batch. A stream's windows
+  are OpenAI's, so only the first window of each stretch starts without the previous text.
 """
 
 from __future__ import annotations
@@ -123,22 +124,28 @@ def frame_energy(audio: np.ndarray) -> np.ndarray:
     return np.log10(np.mean(frames.astype(np.float64) ** 2, axis=1) + 1e-10)
 
 
-def split_regions(energy: np.ndarray, start: int, end: int, min_len: int = 2000) -> list[tuple[int, int]]:
-    """Cuts ``[start, end)`` into regions of at most one window, each ending at a quiet point.
+STRETCH_MIN, STRETCH_MAX = 60 * FRAMES_PER_SECOND, 300 * FRAMES_PER_SECOND
 
-    The cut is the quietest 0.2 s (``energy`` per mel frame, smoothed) between ``min_len``
-    and ``N_FRAMES`` frames after the region start, so words are rarely split.
+
+def split_stretches(energy: np.ndarray, start: int, end: int, streams: int) -> list[tuple[int, int]]:
+    """Cuts ``[start, end)`` into stretches to decode side by side, each cut at a quiet point.
+
+    About ``streams`` stretches of equal share, but none shorter than ``STRETCH_MIN`` (each
+    ends with a part window) nor longer than ``STRETCH_MAX`` (so a long file has more stretches
+    than batch rows and a row that ends is refilled). Each cut is the quietest 0.2 s
+    (``energy`` per mel frame, smoothed) within 5 s of its share's boundary.
     """
+    total = end - start
+    length = min(max(total / max(streams, 1), STRETCH_MIN), STRETCH_MAX)
+    n = max(1, round(total / length)) if streams > 1 else 1  # one row: nothing side by side
     smooth = np.convolve(energy, np.ones(20) / 20, mode="same")
-    regions, pos = [], start
-    while end - pos > N_FRAMES:
-        lo, hi = pos + min_len, pos + N_FRAMES
-        cut = lo + int(np.argmin(smooth[lo:hi]))
-        regions.append((pos, cut))
-        pos = cut
-    if end > pos:
-        regions.append((pos, end))
-    return regions
+    cuts = [start]
+    for i in range(1, n):
+        target = start + total * i // n
+        lo, hi = max(cuts[-1] + 1, target - 500), min(end - 1, target + 500)
+        cuts.append(lo + int(np.argmin(smooth[lo:hi])) if hi > lo else target)
+    cuts.append(end)
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 class Transcriber:
@@ -177,7 +184,7 @@ class Transcriber:
         clips = parse_clip_timestamps(self.clip_timestamps, content_frames)
         if self.mode == "batched":
             energy = frame_energy(audio)
-            clips = [r for s, e in clips for r in split_regions(energy, s, e)]
+            clips = [r for s, e in clips for r in split_stretches(energy, s, e, self.batch_size)]
             streams = [_Stream(index, [c], list(self.initial_tokens)) for c in clips]
         else:
             streams = [_Stream(index, clips, list(self.initial_tokens))]
@@ -283,7 +290,7 @@ class Transcriber:
 
     def _segment(self, seek, size, start, end, tokens: np.ndarray, result) -> Segment:
         # Past the window's content the model sees zero padding and may still place timestamps
-        # there; clipping keeps every time inside the audio (and inside a batched region).
+        # there; clipping keeps every time inside the audio (and inside a batched stretch).
         limit = (seek + size) / FRAMES_PER_SECOND
         end = min(float(end), limit)
         start = min(float(start), end)
