@@ -85,15 +85,16 @@ def compile_programs(model, **kwargs) -> None:
     import jax
 
     from whisperjax_cli.decoding import BATCH_BUCKETS, PROMPT_BUCKETS, LazyKey, build_prompt
+    from whisperjax_cli.features import N_FRAMES
     from whisperjax_cli.transcribe import make_transcriber
 
     transcriber = make_transcriber(model, **kwargs)
     decoder, tok = transcriber.decoder, model.tokenizer
     sizes = [b for b in BATCH_BUCKETS if b <= max(1, transcriber.batch_size if transcriber.mode == "batched" else 1)]
     for n in sizes:
-        audio = decoder.encode(np.zeros((n, 3000, model.n_mels), np.float32))
-        for length in PROMPT_BUCKETS:
-            previous = [440] * (length - 1 - len(tok.sot_sequence)) if length > len(tok.sot_sequence) + 1 else []
+        audio = decoder.encode(np.zeros((n, N_FRAMES, model.n_mels), np.float32))
+        for length in PROMPT_BUCKETS:  # previous text that fills the bucket: [sot_prev, *previous, *sot]
+            previous = [tok.encode(" the")[0]] * max(0, length - 1 - len(tok.sot_sequence))
             prompt, tail = build_prompt(tok, tuple(tok.sot_sequence), previous, False, model.dims.n_text_ctx)
             for temperature in (0.0, 0.2):
                 decoder._decode_rows(audio, list(range(n)), [prompt] * n, tail, temperature, LazyKey(jax.random.PRNGKey(0)))

@@ -74,9 +74,13 @@ def test_batched_mode_keeps_the_words_and_the_order(tiny_en, long_audio, sequent
     import whisperjax_cli.transcribe as module
 
     monkeypatch.setattr(module, "STRETCH_MIN", 1500)  # ~52 s: three stretches, side by side
-    seen = []
-    monkeypatch.setattr(module.Transcriber, "step", lambda self, files, streams, step=module.Transcriber.step:
-                        (seen.append(len(streams)), step(self, files, streams))[1])
+    seen, step = [], module.Transcriber.step
+
+    def counting_step(self, files, streams):
+        seen.append(len(streams))
+        return step(self, files, streams)
+
+    monkeypatch.setattr(module.Transcriber, "step", counting_step)
     batched = transcribe(tiny_en, long_audio, mode="batched", batch_size=4)
     assert max(seen) == 3
     _check_times(batched, len(long_audio) / 16000)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from whisperjax_cli.decoding import DecodeOutput, LoopConfig, filter_logits, prefill
-from whisperjax_cli.model import KVCache, Whisper, init_cache
+from whisperjax_cli.model import KVCache, Whisper, heads_view, init_cache, rows_view
 
 Array = jax.Array
 
@@ -279,17 +279,17 @@ def beam_search_window(
     # The beam loop gathers rows on the leading axis; the model's self-attention buffers fold
     # rows and heads into one (see KVCache), so the loop holds them as [rows, heads, ...].
     heads = module.dims.n_text_head
-    rows_view = lambda xs: tuple(x.reshape(-1, heads, *x.shape[1:]) for x in xs)  # noqa: E731
-    model_view = lambda xs: tuple(x.reshape(-1, *x.shape[2:]) for x in xs)  # noqa: E731
+    by_rows = lambda xs: tuple(rows_view(x, heads) for x in xs)  # noqa: E731
+    by_heads = lambda xs: tuple(map(heads_view, xs))  # noqa: E731
 
     def step(token, self_kv, index):
-        full = KVCache(self_k=model_view(self_kv[0]), self_v=model_view(self_kv[1]), cross_k=cross_k, cross_v=cross_v)
+        full = KVCache(self_k=by_heads(self_kv[0]), self_v=by_heads(self_kv[1]), cross_k=cross_k, cross_v=cross_v)
         logits, full = module.apply({"params": params}, token, full, index, beam_pad, method=Whisper.decode)
-        return logits[:, -1], (rows_view(full.self_k), rows_view(full.self_v))
+        return logits[:, -1], (by_rows(full.self_k), by_rows(full.self_v))
 
     buffer = jnp.concatenate([prompt, jnp.full((batch, config.sample_len), config.eot, jnp.int32)], axis=1)
     tokens, sum_logprobs = beam_search(
-        step, buffer, last_logits, (rows_view(cache.self_k), rows_view(cache.self_v)), jnp.int32(prompt_len),
+        step, buffer, last_logits, (by_rows(cache.self_k), by_rows(cache.self_v)), jnp.int32(prompt_len),
         suppress_mask, begin_mask, config, beam_size, patience, length_penalty, finish_top_only,
     )
     return DecodeOutput(tokens, sum_logprobs, no_speech_prob)

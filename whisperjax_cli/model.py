@@ -63,14 +63,21 @@ def init_cache(dims: ModelDimensions, cross_kv: tuple, length: int, dtype=jnp.fl
     return KVCache(self_k=zeros, self_v=zeros, cross_k=tuple(keys), cross_v=tuple(values))
 
 
+def heads_view(x: Array) -> Array:
+    """``[rows, heads, ...]`` -> ``[rows * heads, ...]`` (the self-attention buffers' layout)."""
+    return x.reshape(-1, *x.shape[2:])
+
+
+def rows_view(x: Array, heads: int) -> Array:
+    """``[rows * heads, ...]`` -> ``[rows, heads, ...]``, for gathering rows."""
+    return x.reshape(-1, heads, *x.shape[1:])
+
+
 def take_rows(cache: KVCache, rows: Array, audio_rows: Optional[Array] = None) -> KVCache:
     """The cache of decoder rows ``rows`` (self-attention) and audios ``audio_rows`` (cross;
     unchanged when None)."""
     heads = cache.cross_k[0].shape[1]
-
-    def pick(x):
-        return x.reshape(-1, heads, *x.shape[1:])[rows].reshape(-1, *x.shape[1:])
-
+    pick = lambda x: heads_view(rows_view(x, heads)[rows])  # noqa: E731
     cache = cache.replace(self_k=tuple(map(pick, cache.self_k)), self_v=tuple(map(pick, cache.self_v)))
     if audio_rows is not None:
         cache = cache.replace(cross_k=tuple(x[audio_rows] for x in cache.cross_k),
@@ -109,11 +116,13 @@ def _query_blocks(q_len: int, target: int = 300) -> int:
 
 
 def _attend(q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array:
-    scores = jnp.einsum("bhtd,bhsd->bhts", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+    """Softmax attention over ``[..., len, head_dim]`` operands; ``mask`` (True = attend)
+    broadcasts against the scores ``[..., q_len, kv_len]``."""
+    scores = jnp.einsum("...td,...sd->...ts", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
     if mask is not None:
-        scores = jnp.where(mask[:, None, :, :], scores, _NEG_INF)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [batch, heads, q_len, kv_len]
-    return jnp.einsum("bhts,bhsd->bhtd", weights, v)
+        scores = jnp.where(mask, scores, _NEG_INF)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("...ts,...sd->...td", weights, v)
 
 
 def attention(q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array:
@@ -132,7 +141,7 @@ def attention(q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array:
     b, h, t, dh = q.shape
     n = _query_blocks(t) if mask is None else 1
     if n == 1:
-        return merge_heads(_attend(q, k, v, mask))
+        return merge_heads(_attend(q, k, v, None if mask is None else mask[:, None]))
     blocks = q.reshape(b, h, n, t // n, dh).transpose(2, 0, 1, 3, 4)  # [blocks, batch, heads, t/n, head_dim]
     out = jax.lax.map(lambda qb: _attend(qb, k, v, None), blocks)
     return merge_heads(out.transpose(1, 2, 0, 3, 4).reshape(b, h, t, dh))
@@ -167,15 +176,12 @@ class MultiHeadAttention(nn.Module):
         Returns ``(out, k_buf, v_buf)`` with the updated buffers.
         """
         k, v = self.project_kv(x)  # [batch, heads, q_len, head_dim]
-        b, h, t, d = k.shape
-        k_buf = jax.lax.dynamic_update_slice(k_buf, k.reshape(b * h, t, d).astype(k_buf.dtype), (0, index, 0))
-        v_buf = jax.lax.dynamic_update_slice(v_buf, v.reshape(b * h, t, d).astype(v_buf.dtype), (0, index, 0))
-        q = self._query(x).reshape(b * h, t, d)
-        scores = jnp.einsum("ntd,nsd->nts", q, k_buf).astype(jnp.float32) * d**-0.5
-        scores = jnp.where(jnp.repeat(mask, h, axis=0), scores, _NEG_INF)  # the mask is per row
-        weights = jax.nn.softmax(scores, axis=-1).astype(v_buf.dtype)
-        out = jnp.einsum("nts,nsd->ntd", weights, v_buf)  # [batch * heads, q_len, head_dim]
-        return self.out(merge_heads(out.reshape(b, h, t, d))), k_buf, v_buf
+        h = self.n_head
+        k_buf = jax.lax.dynamic_update_slice(k_buf, heads_view(k).astype(k_buf.dtype), (0, index, 0))
+        v_buf = jax.lax.dynamic_update_slice(v_buf, heads_view(v).astype(v_buf.dtype), (0, index, 0))
+        # [batch * heads, q_len, head_dim]; the mask is per row, so repeated for its heads
+        out = _attend(heads_view(self._query(x)), k_buf, v_buf, jnp.repeat(mask, h, axis=0))
+        return self.out(merge_heads(rows_view(out, h))), k_buf, v_buf
 
     def cross(self, x: Array, k: Array, v: Array) -> Array:
         """Attention to precomputed audio keys/values (never recomputed per token).

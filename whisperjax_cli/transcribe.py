@@ -135,15 +135,16 @@ def split_stretches(energy: np.ndarray, start: int, end: int, streams: int) -> l
     than batch rows and a row that ends is refilled). Each cut is the quietest 0.2 s
     (``energy`` per mel frame, smoothed) within 5 s of its share's boundary.
     """
+    if streams <= 1:
+        return [(start, end)]  # one row: nothing runs side by side
     total = end - start
-    length = min(max(total / max(streams, 1), STRETCH_MIN), STRETCH_MAX)
-    n = max(1, round(total / length)) if streams > 1 else 1  # one row: nothing side by side
+    n = max(1, round(total / min(max(total / streams, STRETCH_MIN), STRETCH_MAX)))
     smooth = np.convolve(energy, np.ones(20) / 20, mode="same")
     cuts = [start]
     for i in range(1, n):
-        target = start + total * i // n
+        target = start + total * i // n  # the previous cut is < target + 500: the range is never empty
         lo, hi = max(cuts[-1] + 1, target - 500), min(end - 1, target + 500)
-        cuts.append(lo + int(np.argmin(smooth[lo:hi])) if hi > lo else target)
+        cuts.append(lo + int(np.argmin(smooth[lo:hi])))
     cuts.append(end)
     return list(zip(cuts[:-1], cuts[1:]))
 
