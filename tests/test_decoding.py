@@ -19,7 +19,7 @@ EOT = 9
 def _scripted_state(vocab=12, batch=2, sample_len=6, prompt=2):
     tokens = jnp.concatenate([jnp.full((batch, prompt), 1, jnp.int32), jnp.full((batch, sample_len), EOT, jnp.int32)], 1)
     return LoopState(tokens, jnp.int32(prompt), jnp.zeros((batch, vocab)), {"calls": jnp.zeros((), jnp.int32)},
-                     jnp.zeros((batch,)), jnp.zeros((batch,), bool), jax.random.PRNGKey(0))
+                     jnp.zeros((batch,)), jnp.zeros((batch,), bool), jax.random.PRNGKey(0), jnp.zeros((batch,), bool))
 
 
 def test_loop_with_a_stub_model_follows_the_script():
@@ -46,6 +46,59 @@ def test_loop_with_a_stub_model_follows_the_script():
     np.testing.assert_allclose(out.sum_logprobs[0], 3 * step_logprob, rtol=1e-4)  # 3, 4 and EOT each
     np.testing.assert_allclose(out.sum_logprobs[1], 6 * step_logprob, rtol=1e-4)
     assert int(out.cur) == 8 and bool(out.done[0]) and not bool(out.done[1])
+
+
+def _periodic_within(seq, span, max_period):
+    """Plain reimplementation of repeats_itself for one row's sampled tokens."""
+    if len(seq) < span + max_period:
+        return False
+    tail = seq[-span:]
+    return any(tail == seq[len(seq) - span - p : len(seq) - p] for p in range(1, max_period + 1))
+
+
+def test_loop_detection_agrees_with_a_plain_reimplementation():
+    from whisperjax_cli.decoding import repeats_itself
+
+    rng = np.random.default_rng(0)
+    rows, width, begin = 400, 90, 5
+    tokens = rng.integers(0, 4, (rows, width))
+    for r in range(0, rows, 2):  # half the rows: a looping tail of random period and start
+        period, start = rng.integers(1, 20), rng.integers(begin, width - 10)
+        unit = rng.integers(0, 50, period)
+        tokens[r, start:] = np.resize(unit, width - start)
+    for last in (40, 67, 68, 75, 89):
+        got = np.asarray(repeats_itself(jnp.asarray(tokens, jnp.int32), jnp.int32(last), jnp.int32(begin), 48, 16))
+        want = [_periodic_within(list(tokens[r, begin : last + 1]), 48, 16) for r in range(rows)]
+        np.testing.assert_array_equal(got, want)
+        assert last < 68 or 0 < sum(want) < rows  # both outcomes are exercised once rows are long enough
+
+
+def test_a_looping_row_stops_early_and_is_marked():
+    """Row 0 says 3, 4, 5 forever; row 1 a sequence without a short period. With loop_span the
+    loop ends row 0 after 64 sampled tokens (48 repeating the 48 before, shifted by 3)."""
+    rng = np.random.default_rng(1)
+    plain = [int(t) for t in rng.choice([0, 1, 2, 3, 4, 5, 6, 7, 8, 10], 102)]
+    assert not any(_periodic_within(plain[: n + 1], 48, 16) for n in range(102))
+    script = jnp.asarray([[3, 4, 5] * 34, plain[:102]])
+
+    def step(token, cache, index):
+        k = jnp.clip(index + 1 - 2, 0, 99)
+        return jnp.full((2, 12), -5.0).at[jnp.arange(2), script[:, k]].set(2.0), cache
+
+    for span, stop_row0 in ((48, 64), (0, None)):
+        config = LoopConfig(sample_len=100, eot=EOT, no_speech=None, timestamps=None, loop_span=span)
+        state = _scripted_state(sample_len=100)
+        state = state.replace(logits=step(None, None, jnp.int32(1))[0])
+        no_mask = jnp.zeros((12,), bool)
+        out = decode_loop(step, state, jnp.int32(2), no_mask, no_mask, jnp.float32(0), config)
+        np.testing.assert_array_equal(out.tokens[1, 2:], plain[:100])
+        assert not bool(out.looped[1])
+        if stop_row0 is None:
+            np.testing.assert_array_equal(out.tokens[0, 2:], script[0, :100])
+            assert not bool(out.looped[0])
+        else:
+            np.testing.assert_array_equal(out.tokens[0, 2 : 2 + stop_row0], script[0, :stop_row0])
+            assert (np.asarray(out.tokens[0, 2 + stop_row0 :]) == EOT).all() and bool(out.looped[0])
 
 
 def test_suppress_masks_apply_and_blank_only_at_the_first_step():
@@ -201,6 +254,7 @@ def test_when_every_temperature_fails_the_likeliest_not_repetitive_result_is_kep
     from whisperjax_cli.decoding import DecodingOptions, DecodingResult, WindowDecoder
 
     decoder = WindowDecoder(tiny_en, DecodingOptions(temperatures=(0.0, 0.5, 1.0)))
+    looped: set[float] = set()
     scripted = {  # temperature -> (avg logprob, compression ratio): every one fails
         0.0: (-0.5, 3.0),  # the likeliest, but too repetitive
         0.5: (-1.2, 1.5),  # the likeliest of the rest: kept
@@ -209,7 +263,8 @@ def test_when_every_temperature_fails_the_likeliest_not_repetitive_result_is_kep
 
     def rows(audio, todo, prompts, tail, temperature, key):
         lp, cr = scripted[temperature]
-        return [DecodingResult([1, 2], f"t{temperature}", 3 * lp, lp, 0.1, temperature, cr) for _ in todo]
+        return [DecodingResult([1, 2], f"t{temperature}", 3 * lp, lp, 0.1, temperature, cr, temperature in looped)
+                for _ in todo]
 
     monkeypatch.setattr(decoder, "_decode_rows", rows)
     (kept,) = decoder.decode(None, 1, [[1]], 1, jax.random.PRNGKey(0))
@@ -220,3 +275,7 @@ def test_when_every_temperature_fails_the_likeliest_not_repetitive_result_is_kep
     scripted[0.5] = (-0.2, 1.5)  # one passes: no fallback after it
     (kept,) = decoder.decode(None, 1, [[1]], 1, jax.random.PRNGKey(0))
     assert kept.text == "t0.5" and kept.temperature == 0.5
+    looped.add(0.5)  # stopped while looping: too repetitive whatever its ratio, and not kept while
+    scripted[1.0] = (-1.8, 1.2)  # a result under the compression threshold exists
+    (kept,) = decoder.decode(None, 1, [[1]], 1, jax.random.PRNGKey(0))
+    assert kept.text == "t1.0" and kept.temperature == 1.0

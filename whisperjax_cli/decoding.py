@@ -22,6 +22,7 @@ from whisperjax_cli.timestamps import TimestampConfig, apply_timestamp_rules
 Array = jax.Array
 NEG_INF = -jnp.inf
 PROMPT_BUCKETS = (8, 64, 128, 232)  # left-padded prompt lengths (sot_prev + 223 + sot sequence fits)
+LOOP_SPAN, LOOP_MAX_PERIOD = 48, 16  # a row is looping when its last 48 tokens repeat with a period <= 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,7 @@ class LoopConfig:
     no_speech: Optional[int]
     timestamps: Optional[TimestampConfig]  # None: without timestamps
     sample: bool = False  # True: sample at the given temperature; False: greedy (argmax)
+    loop_span: int = 0  # > 0: end a row once it loops (see repeats_itself); 0: never
 
 
 @flax.struct.dataclass
@@ -42,8 +44,9 @@ class LoopState:
     logits: Array  # float32 [batch, vocab]: logits for slot `cur`
     cache: KVCache
     sum_logprobs: Array  # float32 [batch]
-    done: Array  # bool [batch]: saw end-of-text
+    done: Array  # bool [batch]: saw end-of-text, or stopped looping
     key: Array  # PRNG key (sampling only)
+    looped: Array  # bool [batch]: stopped because it looped (LoopConfig.loop_span)
 
 
 @flax.struct.dataclass
@@ -51,6 +54,7 @@ class DecodeOutput:
     tokens: Array  # int32 [batch, sample_len]: sampled tokens, end-of-text then padding
     sum_logprobs: Array  # float32 [batch]
     no_speech_prob: Array  # float32 [batch]
+    looped: Optional[Array] = None  # bool [batch], when the loop stops looping rows
 
 
 def suppress(logits: Array, mask: Array) -> Array:
@@ -83,6 +87,23 @@ def sample_categorical(key: Array, logits: Array) -> Array:
     u = jax.random.uniform(key, (logits.shape[0], 1), dtype=cdf.dtype) * cdf[:, -1:]
     token = jnp.sum(cdf < u, axis=-1)  # the first index whose cdf reaches u
     return jnp.minimum(token, logits.shape[-1] - 1).astype(jnp.int32)
+
+
+def repeats_itself(tokens: Array, last: Array, sample_begin: Array, span: int,
+                   max_period: int = LOOP_MAX_PERIOD) -> Array:
+    """True for rows whose last ``span`` sampled tokens (up to slot ``last``) equal the ``span``
+    tokens ``p`` slots earlier, for some period ``p <= max_period`` ("au.au.au.", "2H.2H.2H.").
+
+    Such a row is stuck: left alone it runs to ``sample_len`` tokens, fails the compression
+    check and is decoded again at the next temperature, so its last ~150 steps are wasted.
+    """
+    width = span + max_period
+    window = jax.lax.dynamic_slice_in_dim(tokens, last - width + 1, width, axis=1)  # [batch, width]
+    tail = window[:, max_period:]
+    periodic = jnp.zeros((tokens.shape[0],), bool)
+    for p in range(1, max_period + 1):
+        periodic = periodic | jnp.all(tail == window[:, max_period - p : width - p], axis=1)
+    return periodic & (last - sample_begin + 1 >= width)  # every token compared was sampled
 
 
 def decode_loop(
@@ -123,11 +144,15 @@ def decode_loop(
         token = jnp.where(s.done, config.eot, token)
         tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.cur))
         done = s.done | (token == config.eot)
+        looped = s.looped
+        if config.loop_span:
+            looped = looped | (~done & repeats_itself(tokens, s.cur, sample_begin, config.loop_span))
+            done = done | looped
         # The model runs even when this step finished every row (one spare call per loop, whose
         # logits nobody reads): skipping it with lax.cond made XLA copy the whole cache at every
         # step, 20 % of a batch-8 step. The slot written is inside the buffer (cur < end).
         next_logits, cache = step_fn(token[:, None], s.cache, s.cur)
-        return LoopState(tokens, s.cur + 1, next_logits, cache, sum_logprobs, done, key)
+        return LoopState(tokens, s.cur + 1, next_logits, cache, sum_logprobs, done, key, looped)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -152,7 +177,7 @@ def decode_phases(module: Whisper, params, state: LoopState, pad: Array, group: 
     jitted program; a batch of one has a single phase.
     """
     sizes = phase_sizes(state.tokens.shape[0])
-    full_tokens, full_sums = state.tokens, state.sum_logprobs
+    full_tokens, full_sums, full_looped = state.tokens, state.sum_logprobs, state.looped
     rows = jnp.arange(sizes[0])  # the full-batch row of each row of `state`
     for i, size in enumerate(sizes):
         if i:
@@ -161,13 +186,14 @@ def decode_phases(module: Whisper, params, state: LoopState, pad: Array, group: 
             audio_rows = rows // group if i == 1 else keep  # group rows share one audio in phase 0
             cache = take_rows(state.cache, keep, audio_rows)
             state = LoopState(state.tokens[keep], state.cur, state.logits[keep], cache, state.sum_logprobs[keep],
-                              state.done[keep], state.key)
+                              state.done[keep], state.key, state.looped[keep])
         stop = sizes[i + 1] if i + 1 < len(sizes) else 0
         state = decode_loop(_model_step(module, params, pad[rows]), state, sample_begin, suppress_mask,
                             begin_mask, temperature, config, stop)
         full_tokens = full_tokens.at[rows].set(state.tokens)
         full_sums = full_sums.at[rows].set(state.sum_logprobs)
-    return state.replace(tokens=full_tokens, sum_logprobs=full_sums)
+        full_looped = full_looped.at[rows].set(state.looped)
+    return state.replace(tokens=full_tokens, sum_logprobs=full_sums, looped=full_looped)
 
 
 def _model_step(module: Whisper, params, pad: Array):
@@ -233,10 +259,11 @@ def decode_window(
         sum_logprobs=jnp.zeros((batch,), jnp.float32),
         done=jnp.zeros((batch,), bool),
         key=key,
+        looped=jnp.zeros((batch,), bool),
     )
     state = decode_phases(module, params, state, pad, group, jnp.int32(prompt_len), suppress_mask, begin_mask,
                           temperature, config)
-    return DecodeOutput(state.tokens[:, prompt_len:], state.sum_logprobs, no_speech_prob)
+    return DecodeOutput(state.tokens[:, prompt_len:], state.sum_logprobs, no_speech_prob, state.looped)
 
 
 ENCODE_CHUNK = 2  # windows per encoder pass; bigger batches run one chunk after another
@@ -324,6 +351,10 @@ class DecodingOptions:
     compression_ratio_threshold: Optional[float] = 2.4
     logprob_threshold: Optional[float] = -1.0
     no_speech_threshold: Optional[float] = 0.6
+    # End a row once its last tokens loop ("au.au.au."), and count it as too repetitive, instead
+    # of sampling on to sample_len: a departure from OpenAI that only saves time (such a row
+    # nearly always fails the compression check anyway). None: on in batched long-form mode.
+    stop_loops: Optional[bool] = None
 
 
 @dataclasses.dataclass
@@ -335,6 +366,7 @@ class DecodingResult:
     no_speech_prob: float
     temperature: float
     compression_ratio: float
+    looped: bool = False  # stopped while looping (DecodingOptions.stop_loops): too repetitive
 
 
 def compression_ratio(text: str) -> float:
@@ -422,7 +454,8 @@ class WindowDecoder:
             if options.max_initial_timestamp is not None:
                 max_initial = round(options.max_initial_timestamp / 0.02)
             ts = TimestampConfig(tok.timestamp_begin, tok.eot, tok.no_timestamps, max_initial)
-        self.config = LoopConfig(options.sample_len, tok.eot, tok.no_speech, ts)
+        self.config = LoopConfig(options.sample_len, tok.eot, tok.no_speech, ts,
+                                 loop_span=LOOP_SPAN if options.stop_loops else 0)
 
     def encode(self, mels: np.ndarray) -> Array:
         """Encoder output for ``mels`` ``[batch, 3000, n_mels]``, batch padded to a bucket."""
@@ -466,13 +499,14 @@ class WindowDecoder:
         kept result reports the last temperature, so the prompt reset after it still applies.
         """
         limit = self.options.compression_ratio_threshold
-        fine = [r for r in tried if limit is None or r.compression_ratio <= limit]
+        fine = [r for r in tried if not r.looped and (limit is None or r.compression_ratio <= limit)]
         best = max(fine or tried, key=lambda r: r.avg_logprob)
         return dataclasses.replace(best, temperature=tried[-1].temperature)
 
     def _needs_fallback(self, r: DecodingResult) -> bool:
         o = self.options
-        too_repetitive = o.compression_ratio_threshold is not None and r.compression_ratio > o.compression_ratio_threshold
+        too_repetitive = r.looped or (
+            o.compression_ratio_threshold is not None and r.compression_ratio > o.compression_ratio_threshold)
         too_unlikely = o.logprob_threshold is not None and r.avg_logprob < o.logprob_threshold
         silence = (
             o.no_speech_threshold is not None and r.no_speech_prob > o.no_speech_threshold
@@ -505,16 +539,19 @@ class WindowDecoder:
             config = dataclasses.replace(self.config, sample=temperature > 0)
             draw = key.value() if config.sample else _UNUSED_KEY  # greedy never draws
             out = decode_window(*args, np.float32(temperature), draw, config, repeat)
-        tokens, sums, no_speech = jax.device_get((out.tokens, out.sum_logprobs, out.no_speech_prob))
-        results = [self._result(tokens[j], sums[j], no_speech[j], temperature) for j in range(len(rows) * repeat)]
+        tokens, sums, no_speech, looped = jax.device_get((out.tokens, out.sum_logprobs, out.no_speech_prob, out.looped))
+        looped = np.zeros(len(sums), bool) if looped is None else looped  # beam search: never stopped
+        results = [self._result(tokens[j], sums[j], no_speech[j], temperature, bool(looped[j]))
+                   for j in range(len(rows) * repeat)]
         return [self._best(results[k * repeat : (k + 1) * repeat]) for k in range(len(rows))]
 
-    def _result(self, tokens: np.ndarray, sum_logprob: float, no_speech: float, temperature: float):
+    def _result(self, tokens: np.ndarray, sum_logprob: float, no_speech: float, temperature: float,
+                looped: bool = False):
         eot = np.flatnonzero(tokens == self.tokenizer.eot)
         ids = tokens[: eot[0] if len(eot) else len(tokens)].tolist()
         text = self.tokenizer.decode(ids)
         return DecodingResult(ids, text, float(sum_logprob), float(sum_logprob) / (len(ids) + 1),
-                              float(no_speech), temperature, compression_ratio(text))
+                              float(no_speech), temperature, compression_ratio(text), looped)
 
     def _best(self, candidates: list[DecodingResult]) -> DecodingResult:
         """OpenAI's MaximumLikelihoodRanker: sum logprob over a length penalty."""
