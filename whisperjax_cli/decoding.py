@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from whisperjax_cli.model import KVCache, Whisper, init_cache, take_rows
+from whisperjax_cli.model import KVCache, Whisper, init_cache, repeat_rows, take_rows
 from whisperjax_cli.runtime import cached_jit  # jax.jit, and whole programs kept on disk (start-up)
 from whisperjax_cli.timestamps import TimestampConfig, apply_timestamp_rules
 
@@ -239,8 +239,8 @@ def decode_window(
       module: the model (static).
       audio: encoder output ``[audio, n_audio_ctx, state]``.
       prompt: int32 ``[batch, prompt_len]`` with ``batch = audio * group`` rows (``group``
-        consecutive rows per audio, e.g. best-of samples), left-padded; ends with the sot
-        sequence.
+        consecutive rows per audio, e.g. best-of samples, with the same prompt), left-padded;
+        ends with the sot sequence.
       pad: int32 ``[batch]`` left-padding per row.
       sot_index: int32 scalar, the slot of start-of-transcript (for the no-speech probability).
       suppress_mask, begin_mask: bool ``[vocab]``.
@@ -249,8 +249,13 @@ def decode_window(
     """
     batch, prompt_len = prompt.shape
     cross = module.apply({"params": params}, audio, method=Whisper.cross_kv)
-    cache = init_cache(module.dims, cross, prompt_len + config.sample_len, module.dtype, group)
-    last_logits, cache, no_speech_prob = prefill(module, params, prompt, cache, pad, sot_index, config)
+    # A group's rows share their prompt: it is run once per audio and its cache rows repeated.
+    cache = init_cache(module.dims, cross, prompt_len + config.sample_len, module.dtype)
+    last_logits, cache, no_speech_prob = prefill(module, params, prompt[::group], cache, pad[::group], sot_index,
+                                                 config)
+    if group > 1:
+        cache = repeat_rows(cache, group)
+        last_logits, no_speech_prob = jnp.repeat(last_logits, group, 0), jnp.repeat(no_speech_prob, group, 0)
     state = LoopState(
         tokens=jnp.concatenate([prompt, jnp.full((batch, config.sample_len), config.eot, jnp.int32)], axis=1),
         cur=jnp.int32(prompt_len),

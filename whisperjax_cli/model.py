@@ -85,6 +85,14 @@ def take_rows(cache: KVCache, rows: Array, audio_rows: Optional[Array] = None) -
     return cache
 
 
+def repeat_rows(cache: KVCache, times: int) -> KVCache:
+    """Each decoder row's self-attention cache ``times`` times in a row (a prompt run once for a
+    group of samples); the audio keys/values stay one per audio."""
+    heads = cache.cross_k[0].shape[1]
+    rep = lambda x: heads_view(jnp.repeat(rows_view(x, heads), times, axis=0))  # noqa: E731
+    return cache.replace(self_k=tuple(map(rep, cache.self_k)), self_v=tuple(map(rep, cache.self_v)))
+
+
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Array:
     """OpenAI's sinusoidal position embedding for the audio encoder, ``[length, channels]``."""
     log_timescale_increment = jnp.log(max_timescale) / (channels // 2 - 1)
