@@ -161,6 +161,17 @@ def test_pad_or_trim_other_axis_and_default_length():
     assert pad_or_trim(np.ones(N_SAMPLES + 5), N_SAMPLES).shape == (N_SAMPLES,)
 
 
+@pytest.mark.parametrize("padding", [0, N_FFT - 1, N_SAMPLES])
+def test_log_mel_windows_kept_from_the_peak_pass_equal_transformed_ones(padding):
+    audio = np.random.default_rng(3).standard_normal(7 * SAMPLE_RATE + 77).astype(np.float32) * 0.1
+    kept = LogMelWindows(audio, 80, padding=padding, block_frames=300)
+    fresh = LogMelWindows(audio, 80, padding=padding, cache_bytes=0)
+    assert kept._kept is not None and fresh._kept is None
+    n = fresh.n_frames
+    for start, stop in [(0, 3000), (0, n), (650, 700), (n - 10, n + 5), (kept._sounding - 3, n), (n, n), (5, 5)]:
+        np.testing.assert_array_equal(kept.frames(start, stop), fresh.frames(start, stop))
+
+
 @pytest.mark.parametrize("n_samples", [1, 159, 200, 201, 400, 3 * SAMPLE_RATE + 77])
 @pytest.mark.parametrize("padding", [0, 40, N_FFT - 1, N_FFT, N_FFT + 1, N_SAMPLES])
 def test_log_mel_windows_peak_skips_only_silent_frames(n_samples, padding):

@@ -22,6 +22,7 @@ N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples per window
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames per window
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100
 BLOCK_FRAMES = 3000  # STFT frames computed at once: bounds the float64 temporaries to ~10 MB
+MEL_CACHE_BYTES = 64 << 20  # a file's log-mel is kept from the peak pass when it fits (~16 min)
 
 # Slaney's mel scale: linear below 1 kHz (3 mels per 200 Hz), logarithmic above (27 mels per 6.4x).
 _F_SP = 200.0 / 3
@@ -165,7 +166,8 @@ class LogMelWindows:
     proportional to the audio itself, not to the audio plus its spectrogram.
     """
 
-    def __init__(self, audio: np.ndarray, n_mels: int = 80, padding: int = 0, *, block_frames: int = BLOCK_FRAMES):
+    def __init__(self, audio: np.ndarray, n_mels: int = 80, padding: int = 0, *, block_frames: int = BLOCK_FRAMES,
+                 cache_bytes: int = MEL_CACHE_BYTES):
         self.audio = np.asarray(audio, dtype=np.float32)
         self.n_mels = n_mels
         self.total = self.audio.shape[0] + padding  # samples, zero padding included
@@ -175,14 +177,21 @@ class LogMelWindows:
         # Frames that lie wholly in the zero padding (30 s of them after a short clip) all come
         # out at the value of a silent frame: that value is taken once, not per frame.
         sounding = self._sounding_frames(padding)
-        peak = -np.inf
+        # A short file keeps the peak pass's log-mel (a constant cap, not growing with the hours):
+        # its windows are then slices instead of a second transform of every frame.
+        keep = sounding * n_mels * 8 <= cache_bytes
+        peak, blocks = -np.inf, []
         for start in range(0, sounding, block_frames):
             block = self._log10(start, min(start + block_frames, sounding))
             peak = max(peak, float(block.max(initial=-np.inf)))
+            if keep:
+                blocks.append(block)
+        self._silent = _log_mel_block(np.zeros((1, N_FFT)), self._window, self._filters_t)  # [1, n_mels]
         if sounding < self.n_frames:
-            silent = _log_mel_block(np.zeros((1, N_FFT)), self._window, self._filters_t)
-            peak = max(peak, float(silent.max()))
+            peak = max(peak, float(self._silent.max()))
         self.max = peak
+        self._sounding = sounding
+        self._kept = np.concatenate(blocks) if keep and blocks else None
 
     def _sounding_frames(self, padding: int) -> int:
         """How many leading frames may touch the audio; every later one is all zeros.
@@ -217,7 +226,12 @@ class LogMelWindows:
     def frames(self, start: int, stop: int) -> np.ndarray:
         """Normalised log-mel frames ``[start, stop)`` as float32 ``[stop - start, n_mels]``."""
         stop = min(stop, self.n_frames)
-        log_spec = np.maximum(self._log10(start, stop), self.max - 8.0)
+        if self._kept is not None and stop > start:  # the kept frames, then silent ones (all zeros)
+            cut = min(max(start, self._sounding), stop)
+            log10 = np.concatenate([self._kept[start:cut], np.repeat(self._silent, stop - cut, axis=0)])
+        else:
+            log10 = self._log10(start, stop)
+        log_spec = np.maximum(log10, self.max - 8.0)
         return ((log_spec + 4.0) / 4.0).astype(np.float32)
 
 
