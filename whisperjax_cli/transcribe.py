@@ -420,7 +420,8 @@ def transcribe(model, audio, sample_rate: Optional[int] = None, **kwargs) -> Tra
     ``condition_on_previous_text``, ``compression_ratio_threshold``, ``logprob_threshold``,
     ``no_speech_threshold``, ``clip_timestamps``, ``without_timestamps``,
     ``max_initial_timestamp``, ``suppress_tokens``, ``suppress_blank``) plus ``mode``
-    (``"sequential"``/``"batched"``), ``batch_size`` and an explicit PRNG ``key``.
+    (``"sequential"``/``"batched"``), ``batch_size``, ``stop_loops`` (see
+    :class:`~whisperjax_cli.decoding.DecodingOptions`) and an explicit PRNG ``key``.
     """
     if isinstance(model, str):
         from whisperjax_cli.models import load_model
