@@ -84,7 +84,7 @@ def compile_programs(model, **kwargs) -> None:
     programs the warm-up pass did not, and a timed pass paid their first compile (3-6 s each)."""
     import jax
 
-    from whisperjax_cli.decoding import BATCH_BUCKETS, PROMPT_BUCKETS, LazyKey, build_prompt
+    from whisperjax_cli.window_decoder import BATCH_BUCKETS, PROMPT_BUCKETS, LazyKey, build_prompt
     from whisperjax_cli.features import N_FRAMES
     from whisperjax_cli.transcribe import make_transcriber
 

@@ -266,7 +266,8 @@ def test_beam5_matches_openai_rules_on_real_weights(tiny_en, clip):
     logits recomputed from the whole prefix at every step (no cache, so no beam reordering)."""
     from whisperjax_cli.audio import load_audio
     from whisperjax_cli.beam import beam_search_window
-    from whisperjax_cli.decoding import DecodingOptions, WindowDecoder, encode, left_pad
+    from whisperjax_cli.decoding import encode
+    from whisperjax_cli.window_decoder import DecodingOptions, WindowDecoder, left_pad
     from whisperjax_cli.features import N_FRAMES, N_SAMPLES, log_mel_spectrogram
     from whisperjax_cli.model import Whisper, init_cache
 

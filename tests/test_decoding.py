@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import CLIPS, faster_whisper_model
-from whisperjax_cli.decoding import (
-    LoopConfig, LoopState, build_prompt, compression_ratio, decode_loop, decode_window, encode, left_pad,
-)
+from whisperjax_cli.decoding import LoopConfig, LoopState, decode_loop, decode_window, encode
 from whisperjax_cli.transcribe import transcribe
+from whisperjax_cli.window_decoder import build_prompt, compression_ratio, left_pad
 
 EOT = 9
 
@@ -227,7 +226,7 @@ def test_best_of_rows_keep_their_own_audio_when_the_batch_shrinks(tiny_en, clip_
     the phases 6 -> 3 -> 1 where each row's audio keys/values are gathered from its group."""
     import jax
 
-    from whisperjax_cli.decoding import DecodingOptions, LazyKey, WindowDecoder
+    from whisperjax_cli.window_decoder import DecodingOptions, LazyKey, WindowDecoder
     from whisperjax_cli.features import N_FRAMES, log_mel_spectrogram, pad_or_trim
 
     decoder = WindowDecoder(tiny_en, DecodingOptions(best_of=3, without_timestamps=True))
@@ -251,7 +250,7 @@ def test_best_of_rows_keep_their_own_audio_when_the_batch_shrinks(tiny_en, clip_
 def test_when_every_temperature_fails_the_likeliest_not_repetitive_result_is_kept(tiny_en, monkeypatch):
     """faster-whisper's rule: the best average log probability among results under the
     compression threshold (else among all), reported at the last temperature."""
-    from whisperjax_cli.decoding import DecodingOptions, DecodingResult, WindowDecoder
+    from whisperjax_cli.window_decoder import DecodingOptions, DecodingResult, WindowDecoder
 
     decoder = WindowDecoder(tiny_en, DecodingOptions(temperatures=(0.0, 0.5, 1.0)))
     looped: set[float] = set()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from whisperjax_cli.dims import OFFICIAL_DIMS, ModelDimensions
-from whisperjax_cli.model import KVCache, Whisper, init_cache
+from whisperjax_cli.model import KVCache, Whisper, init_cache, repeat_rows
 from whisperjax_cli.weights import expected_shapes, name_table
 
 
@@ -108,14 +108,20 @@ def test_bfloat16_compute_keeps_float32_logits():
 
 
 def test_rows_sharing_an_audio_equal_repeating_it():
-    """Beams/samples grouped on one audio's cross keys/values give the repeated-audio logits."""
+    """A prompt run once per audio, its cache rows repeated (repeat_rows) and the rows then
+    grouped on one audio's cross keys/values, gives the logits of repeating audio and prompt."""
     dims, model, params, mel = _tiny_random()
     audio = model.apply({"params": params}, mel, method=Whisper.encode)  # 2 audios
-    tokens = jnp.array([[1, 5], [2, 6], [3, 7], [4, 8], [5, 9], [6, 10]], jnp.int32)  # 3 rows per audio
-    grouped = init_cache(dims, model.apply({"params": params}, audio, method=Whisper.cross_kv), 4, group=3)
+    decode = lambda tokens, cache, index: model.apply(  # noqa: E731
+        {"params": params}, tokens, cache, jnp.int32(index), method=Whisper.decode)
+    prompts = jnp.array([[1, 5], [2, 6]], jnp.int32)
+    nxt = jnp.array([[3], [4], [5], [6], [7], [8]], jnp.int32)  # 3 rows per audio
+    _, once = decode(prompts, init_cache(dims, model.apply({"params": params}, audio, method=Whisper.cross_kv), 4), 0)
+    grouped = repeat_rows(once, 3)
     repeated_audio = jnp.repeat(audio, 3, axis=0)
-    repeated = init_cache(dims, model.apply({"params": params}, repeated_audio, method=Whisper.cross_kv), 4)
-    a, _ = model.apply({"params": params}, tokens, grouped, jnp.int32(0), method=Whisper.decode)
-    b, _ = model.apply({"params": params}, tokens, repeated, jnp.int32(0), method=Whisper.decode)
+    empty = init_cache(dims, model.apply({"params": params}, repeated_audio, method=Whisper.cross_kv), 4)
+    _, repeated = decode(jnp.repeat(prompts, 3, axis=0), empty, 0)
+    a, _ = decode(nxt, grouped, 2)
+    b, _ = decode(nxt, repeated, 2)
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert grouped.cross_k[0].shape[0] == 2 and grouped.self_k[0].shape[0] == 6 * dims.n_text_head

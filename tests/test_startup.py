@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from whisperjax_cli.decoding import LazyKey
+from whisperjax_cli.window_decoder import LazyKey
 from whisperjax_cli.dims import OFFICIAL_DIMS, ModelDimensions
 from whisperjax_cli.errors import ModelError
 from whisperjax_cli.model import Whisper

@@ -164,7 +164,7 @@ def test_real_srt_and_vtt_parse_back(sequential):
 def test_a_window_skipped_as_silence_resets_the_prompt_only_if_it_had_text(tiny_en):
     """No-speech skip (p > 0.6, avg logprob < -1): seek moves a whole window either way; the
     prompt is dropped when the model wrote text there, kept when it wrote none."""
-    from whisperjax_cli.decoding import DecodingResult
+    from whisperjax_cli.window_decoder import DecodingResult
     from whisperjax_cli.transcribe import make_transcriber
 
     transcriber = make_transcriber(tiny_en)

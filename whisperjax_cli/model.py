@@ -46,18 +46,18 @@ class KVCache:
         return self.self_k[0].shape[1]
 
 
-def init_cache(dims: ModelDimensions, cross_kv: tuple, length: int, dtype=jnp.float32, group: int = 1) -> KVCache:
-    """Makes an empty self-attention cache next to precomputed cross-attention keys/values.
+def init_cache(dims: ModelDimensions, cross_kv: tuple, length: int, dtype=jnp.float32) -> KVCache:
+    """Makes an empty self-attention cache, one row per audio, next to precomputed cross-attention
+    keys/values (:func:`repeat_rows` then gives several rows per audio: beams or samples).
 
     Args:
       dims: model dimensions.
       cross_kv: ``(keys, values)`` tuples per layer from :meth:`Whisper.cross_kv`.
       length: static length of the self-attention buffers (prompt + tokens to sample).
       dtype: buffer dtype (the compute dtype).
-      group: decoder rows per audio (beams or samples share one audio's keys and values).
     """
     keys, values = cross_kv
-    batch = keys[0].shape[0] * group
+    batch = keys[0].shape[0]
     shape = (batch * dims.n_text_head, length, dims.n_text_state // dims.n_text_head)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(dims.n_text_layer))
     return KVCache(self_k=zeros, self_v=zeros, cross_k=tuple(keys), cross_v=tuple(values))

@@ -21,11 +21,10 @@ import jax
 import numpy as np
 
 from whisperjax_cli.audio import SAMPLE_RATE, load_audio
-from whisperjax_cli.decoding import (
-    DecodingOptions, LazyKey, WindowDecoder, build_prompt, language_logits, language_probs,
-)
+from whisperjax_cli.decoding import language_logits, language_probs
 from whisperjax_cli.features import HOP_LENGTH, N_FRAMES, N_SAMPLES, LogMelWindows, first_window, model_window
 from whisperjax_cli.results import Segment, Transcript
+from whisperjax_cli.window_decoder import DecodingOptions, LazyKey, WindowDecoder, build_prompt
 
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
 SECONDS_PER_TOKEN = 0.02  # timestamp resolution: 2 mel frames per encoder position
@@ -421,7 +420,7 @@ def transcribe(model, audio, sample_rate: Optional[int] = None, **kwargs) -> Tra
     ``no_speech_threshold``, ``clip_timestamps``, ``without_timestamps``,
     ``max_initial_timestamp``, ``suppress_tokens``, ``suppress_blank``) plus ``mode``
     (``"sequential"``/``"batched"``), ``batch_size``, ``stop_loops`` (see
-    :class:`~whisperjax_cli.decoding.DecodingOptions`) and an explicit PRNG ``key``.
+    :class:`~whisperjax_cli.window_decoder.DecodingOptions`) and an explicit PRNG ``key``.
     """
     if isinstance(model, str):
         from whisperjax_cli.models import load_model

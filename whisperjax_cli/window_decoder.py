@@ -1,0 +1,283 @@
+"""The host side of decoding: a batch of 30 s windows with OpenAI's temperature fallback.
+
+:class:`WindowDecoder` turns options into the static pieces of the jitted loop (masks,
+:class:`~whisperjax_cli.decoding.LoopConfig`), pads prompts and batches to a few buckets so a
+run compiles a handful of programs, and retries the rows that fail at the next temperature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import numpy as np
+
+from whisperjax_cli.decoding import LOOP_SPAN, LoopConfig, decode_window, encode
+from whisperjax_cli.timestamps import TimestampConfig
+
+Array = jax.Array
+PROMPT_BUCKETS = (8, 64, 128, 232)  # left-padded prompt lengths (sot_prev + 223 + sot sequence fits)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def bucket(n: int, buckets) -> int:
+    """The smallest bucket >= n; raises if ``n`` exceeds them all."""
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+def left_pad(prompts: list[list[int]], length: int, fill: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads token lists to ``length``; returns ``(tokens [batch, length], pad [batch])``."""
+    out = np.full((len(prompts), length), fill, np.int32)
+    pad = np.zeros((len(prompts),), np.int32)
+    for i, p in enumerate(prompts):
+        out[i, length - len(p) :] = p
+        pad[i] = length - len(p)
+    return out, pad
+
+
+def batch_bucket(n: int) -> int:
+    """Rows a batch of ``n`` windows is padded to (beyond the largest bucket: ``n`` itself)."""
+    return bucket(n, BATCH_BUCKETS) if n <= BATCH_BUCKETS[-1] else n
+
+
+def vocab_mask(ids, vocab: int) -> np.ndarray:
+    mask = np.zeros((vocab,), bool)
+    mask[np.asarray(list(ids), np.int64)] = True
+    return mask
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodingOptions:
+    """What to decode and how; OpenAI's ``DecodingOptions`` fields, plus the fallback list."""
+
+    task: str = "transcribe"
+    language: Optional[str] = None  # None: detect (multilingual models)
+    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    sample_len: int = 224
+    best_of: Optional[int] = 5  # used at temperature > 0
+    beam_size: Optional[int] = None  # used at temperature 0
+    patience: Optional[float] = None
+    length_penalty: Optional[float] = None
+    suppress_tokens: Optional[str | tuple[int, ...]] = "-1"
+    suppress_blank: bool = True
+    without_timestamps: bool = False
+    max_initial_timestamp: Optional[float] = 1.0
+    compression_ratio_threshold: Optional[float] = 2.4
+    logprob_threshold: Optional[float] = -1.0
+    no_speech_threshold: Optional[float] = 0.6
+    # End a row once its last tokens loop ("au.au.au."), and count it as too repetitive, instead
+    # of sampling on to sample_len: a departure from OpenAI that only saves time (such a row
+    # nearly always fails the compression check anyway). None: on in batched long-form mode.
+    stop_loops: Optional[bool] = None
+
+
+@dataclasses.dataclass
+class DecodingResult:
+    tokens: list[int]  # sampled tokens before end-of-text
+    text: str
+    sum_logprob: float
+    avg_logprob: float
+    no_speech_prob: float
+    temperature: float
+    compression_ratio: float
+    looped: bool = False  # stopped while looping (DecodingOptions.stop_loops): too repetitive
+
+
+def compression_ratio(text: str) -> float:
+    """Bytes over zlib-compressed bytes: high for repetitive (looping) text."""
+    import zlib
+
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def suppressed_ids(tokenizer, suppress_tokens) -> tuple[int, ...]:
+    """OpenAI's expansion of ``"-1"``: non-speech symbols and the special tokens."""
+    if isinstance(suppress_tokens, str):
+        ids = [int(t) for t in suppress_tokens.split(",") if t.strip()]
+    else:
+        ids = list(suppress_tokens or ())
+    if -1 in ids:
+        ids = [t for t in ids if t >= 0] + list(tokenizer.non_speech_tokens)
+    ids += [tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev,
+            tokenizer.sot_lm, tokenizer.no_speech]
+    return tuple(sorted(set(ids)))
+
+
+def build_prompt(tokenizer, sot_sequence, previous: list[int], without_timestamps: bool, n_text_ctx: int):
+    """``[sot_prev, *previous[-223:]] + sot_sequence (+ notimestamps)``; the sot offset from the end."""
+    tokens = []
+    if previous:
+        tokens = [tokenizer.sot_prev, *previous[-(n_text_ctx // 2 - 1) :]]
+    tail = list(sot_sequence) + ([tokenizer.no_timestamps] if without_timestamps else [])
+    return tokens + tail, len(tail)
+
+
+_UNUSED_KEY = np.zeros((2,), np.uint32)  # the key argument of greedy decoding, never read
+
+
+class LazyKey:
+    """A PRNG key whose splits are replayed only when a key is drawn from.
+
+    OpenAI's loop splits a key for every window and every temperature, yet greedy decoding
+    never draws; each eager ``jax.random.split`` was a program that every new process compiled
+    or fetched. ``split`` here is bookkeeping and :meth:`value` replays the splits with
+    ``jax.random.split``, so a drawn key is the one the eager splits gave.
+    """
+
+    def __init__(self, key: Optional[Array] = None, *, parent: Optional["LazyKey"] = None, index: int = 0):
+        self._key, self._parent, self._index, self._halves = key, parent, index, None
+
+    def split(self) -> tuple["LazyKey", "LazyKey"]:
+        return LazyKey(parent=self, index=0), LazyKey(parent=self, index=1)
+
+    def value(self) -> Array:
+        """The key itself (``jax.random.PRNGKey(0)`` for a root made without one)."""
+        chain, node = [], self
+        while node._key is None and node._parent is not None:
+            chain.append(node)
+            node = node._parent
+        if node._key is None:
+            node._key = jax.random.PRNGKey(0)
+        for node in reversed(chain):
+            parent = node._parent
+            if parent._halves is None:
+                parent._halves = jax.random.split(parent._key)
+            node._key, node._parent = parent._halves[node._index], None
+        return self._key
+
+
+class WindowDecoder:
+    """Decodes batches of 30 s mel windows with OpenAI's temperature fallback.
+
+    Holds the model and the static pieces derived once from the options (masks, loop config);
+    each call pads the batch to a bucket so a run compiles a handful of shapes.
+    """
+
+    def __init__(self, model, options: DecodingOptions):
+        tok = model.tokenizer
+        self.model, self.options, self.tokenizer = model, options, tok
+        vocab = model.dims.n_vocab
+        # device_put, not jnp.asarray: that compiled a program for each mask in every new process.
+        self.suppress_mask = jax.device_put(vocab_mask(suppressed_ids(tok, options.suppress_tokens), vocab))
+        blank = tok.encode(" ") + [tok.eot] if options.suppress_blank else []
+        self.begin_mask = jax.device_put(vocab_mask(blank, vocab))
+        ts = None
+        if not options.without_timestamps:
+            max_initial = None
+            if options.max_initial_timestamp is not None:
+                max_initial = round(options.max_initial_timestamp / 0.02)
+            ts = TimestampConfig(tok.timestamp_begin, tok.eot, tok.no_timestamps, max_initial)
+        self.config = LoopConfig(options.sample_len, tok.eot, tok.no_speech, ts,
+                                 loop_span=LOOP_SPAN if options.stop_loops else 0)
+
+    def encode(self, mels: np.ndarray) -> Array:
+        """Encoder output for ``mels`` ``[batch, 3000, n_mels]``, batch padded to a bucket."""
+        n = mels.shape[0]
+        size = batch_bucket(n)
+        padded = np.zeros((size, *mels.shape[1:]), np.float32)
+        padded[:n] = mels
+        return encode(self.model.module, self.model.params, padded)
+
+    def decode(self, audio: Array, n: int, prompts: list[list[int]], tail: int, key) -> list[DecodingResult]:
+        """Decodes rows ``[0, n)`` of encoder output ``audio``, with fallback per row.
+
+        ``key`` is a PRNG key or a :class:`LazyKey`; it is only drawn from when sampling.
+        """
+        opts = self.options
+        key = key if isinstance(key, LazyKey) else LazyKey(key)
+        results: list[Optional[DecodingResult]] = [None] * n
+        tried: list[list[DecodingResult]] = [[] for _ in range(n)]
+        todo = list(range(n))
+        for temperature in opts.temperatures:
+            if not todo:
+                break
+            key, sub = key.split()
+            rows = self._decode_rows(audio, todo, [prompts[r] for r in todo], tail, temperature, sub)
+            retry = []
+            for r, res in zip(todo, rows):
+                results[r] = res
+                tried[r].append(res)
+                if self._needs_fallback(res):
+                    retry.append(r)
+            todo = retry
+        for r in todo:  # every temperature failed
+            results[r] = self._fallback_choice(tried[r])
+        return results  # type: ignore[return-value]
+
+    def _fallback_choice(self, tried: list[DecodingResult]) -> DecodingResult:
+        """The result kept when every temperature failed: faster-whisper's choice, the most
+        likely (average log probability) of those not too repetitive, or of all if none is.
+
+        OpenAI keeps the last, temperature-1.0 sample, often noise. Like faster-whisper, the
+        kept result reports the last temperature, so the prompt reset after it still applies.
+        """
+        limit = self.options.compression_ratio_threshold
+        fine = [r for r in tried if not r.looped and (limit is None or r.compression_ratio <= limit)]
+        best = max(fine or tried, key=lambda r: r.avg_logprob)
+        return dataclasses.replace(best, temperature=tried[-1].temperature)
+
+    def _needs_fallback(self, r: DecodingResult) -> bool:
+        o = self.options
+        too_repetitive = r.looped or (
+            o.compression_ratio_threshold is not None and r.compression_ratio > o.compression_ratio_threshold)
+        too_unlikely = o.logprob_threshold is not None and r.avg_logprob < o.logprob_threshold
+        silence = (
+            o.no_speech_threshold is not None and r.no_speech_prob > o.no_speech_threshold
+            and o.logprob_threshold is not None and r.avg_logprob < o.logprob_threshold
+        )
+        return (too_repetitive or too_unlikely) and not silence
+
+    def _decode_rows(self, audio, rows, prompts, tail, temperature, key) -> list[DecodingResult]:
+        opts = self.options
+        # best-of samples of one window are consecutive rows sharing its audio (a group).
+        repeat = opts.best_of if temperature > 0 and opts.best_of else 1
+        size = batch_bucket(len(rows))
+        gather = np.asarray(rows + [rows[0]] * (size - len(rows)))
+        prompt_len = bucket(max(len(p) for p in prompts), PROMPT_BUCKETS)
+        padded, pad = left_pad([p for p in prompts + [prompts[0]] * (size - len(rows)) for _ in range(repeat)],
+                               prompt_len, self.tokenizer.eot)
+        if audio.shape[0] != size or np.any(gather != np.arange(size)):  # else every row is in place
+            audio = audio[gather]
+        # numpy arguments: jit moves them; eager jnp scalars and arrays were each a program to compile.
+        args = (self.model.module, self.model.params, audio, padded, pad, np.int32(prompt_len - tail),
+                self.suppress_mask, self.begin_mask)
+        if temperature == 0 and opts.beam_size:
+            from whisperjax_cli.beam import beam_search_window
+
+            # Finishing only top-ranked endings (CTranslate2's rule) keeps long-form beam search
+            # from ending windows early; OpenAI's rule stays available in beam.py and tested.
+            out = beam_search_window(*args, self.config, opts.beam_size, opts.patience, opts.length_penalty,
+                                     finish_top_only=True)
+        else:
+            config = dataclasses.replace(self.config, sample=temperature > 0)
+            draw = key.value() if config.sample else _UNUSED_KEY  # greedy never draws
+            out = decode_window(*args, np.float32(temperature), draw, config, repeat)
+        tokens, sums, no_speech, looped = jax.device_get((out.tokens, out.sum_logprobs, out.no_speech_prob, out.looped))
+        looped = np.zeros(len(sums), bool) if looped is None else looped  # beam search: never stopped
+        results = [self._result(tokens[j], sums[j], no_speech[j], temperature, bool(looped[j]))
+                   for j in range(len(rows) * repeat)]
+        return [self._best(results[k * repeat : (k + 1) * repeat]) for k in range(len(rows))]
+
+    def _result(self, tokens: np.ndarray, sum_logprob: float, no_speech: float, temperature: float,
+                looped: bool = False):
+        eot = np.flatnonzero(tokens == self.tokenizer.eot)
+        ids = tokens[: eot[0] if len(eot) else len(tokens)].tolist()
+        text = self.tokenizer.decode(ids)
+        return DecodingResult(ids, text, float(sum_logprob), float(sum_logprob) / (len(ids) + 1),
+                              float(no_speech), temperature, compression_ratio(text), looped)
+
+    def _best(self, candidates: list[DecodingResult]) -> DecodingResult:
+        """OpenAI's MaximumLikelihoodRanker: sum logprob over a length penalty."""
+        lp = self.options.length_penalty
+
+        def score(r: DecodingResult) -> float:
+            n = len(r.tokens)
+            penalty = n if lp is None else ((5 + n) / 6) ** lp
+            return r.sum_logprob / max(penalty, 1e-9)
+
+        return max(candidates, key=score)
