@@ -9,8 +9,11 @@ normalizer (the ``whisper-normalizer`` package) with jiwer. RTFx = audio seconds
 Fallback sampling (temperature > 0) is random on both sides, and one window's draw changes the
 prompt of every later one, so a single run of either side moves by several WER points and tens
 of percent in time. Each row is therefore the mean of ``--seeds`` timed passes, one sampling seed
-each (``jax.random.PRNGKey(seed)`` here, ``ctranslate2.set_random_seed(seed)`` for
-faster-whisper). Before timing, wjx runs one untimed pass over the whole audio, so the prompt and
+each (``jax.random.PRNGKey(seed)`` here, so our rows repeat exactly from run to run).
+faster-whisper's passes call ``ctranslate2.set_random_seed(seed)``, but that does not make
+CTranslate2's sampling repeatable (OpenNMT/CTranslate2#1757): its rows move between runs of this
+same command (mean WER of its greedy row 22.8-35.6 % over five runs), so compare means over many
+passes rather than one run's. Before timing, wjx runs one untimed pass over the whole audio, so the prompt and
 batch buckets it compiles are not counted (every decode program it may meet is compiled first,
 or loaded from the on-disk cache); faster-whisper warms up on the first minute.
 
