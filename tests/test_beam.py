@@ -316,3 +316,37 @@ def test_beam1_is_greedy(tiny_en):
     greedy = transcribe(tiny_en, audio, temperature=0.0)
     assert _tokens(beam) and _tokens(beam) == _tokens(greedy)
     assert [s.avg_logprob for s in beam.segments] == pytest.approx([s.avg_logprob for s in greedy.segments], abs=1e-4)
+
+
+def test_beams_of_several_audios_are_reordered_within_their_own_rows(tiny_en):
+    """Two windows beam-searched in one batch (each audio's beams gathered out of the buffers
+    that fold rows and heads together) give each window's tokens and scores alone."""
+    from whisperjax_cli.audio import load_audio
+    from whisperjax_cli.beam import beam_search_window
+    from whisperjax_cli.features import N_FRAMES, N_SAMPLES, log_mel_spectrogram
+    from whisperjax_cli.window_decoder import DecodingOptions, WindowDecoder, left_pad
+
+    tok = tiny_en.tokenizer
+    decoder = WindowDecoder(tiny_en, DecodingOptions(beam_size=5))
+    windows = []
+    for clip in ("goforward.flac", "numbers.flac"):
+        mel = log_mel_spectrogram(load_audio(str(DATA / clip)), tiny_en.n_mels, padding=N_SAMPLES)
+        window = np.zeros((N_FRAMES, mel.shape[1]), np.float32)
+        window[: mel.shape[0] - N_FRAMES] = mel[: mel.shape[0] - N_FRAMES]
+        windows.append(window)
+    audio = decoder.encode(np.stack(windows))
+    prompts = [[tok.sot], [tok.sot_prev, *tok.encode(" Seven, eight."), tok.sot]]  # different pads too
+    padded, pad = left_pad(prompts, 8, tok.eot)
+
+    def search(rows):
+        return beam_search_window(tiny_en.module, tiny_en.params, audio[rows], padded[rows], pad[rows],
+                                  np.int32(7), decoder.suppress_mask, decoder.begin_mask, decoder.config, 5,
+                                  finish_top_only=True)
+
+    both = search(np.array([0, 1]))
+    for i in (0, 1):
+        alone = search(np.array([i]))
+        np.testing.assert_array_equal(np.asarray(both.tokens[i]), np.asarray(alone.tokens[0]))
+        np.testing.assert_allclose(np.asarray(both.sum_logprobs[i]), np.asarray(alone.sum_logprobs[0]), rtol=1e-4)
+    texts = [tok.decode([t for t in np.asarray(both.tokens[i]) if t < tok.eot]) for i in (0, 1)]
+    assert all(texts) and texts[0] != texts[1], texts
