@@ -213,7 +213,8 @@ def test_read_ahead_audio_and_its_errors(tmp_path):
     """The CLI decodes a lone input ahead; the transcription gets that audio, and a failure
     is raised again when the transcription reads the file, as without the read-ahead."""
     from whisperjax_cli.audio import load_audio
-    from whisperjax_cli.cli import Input, _read_ahead
+    from whisperjax_cli.cli import _read_ahead
+    from whisperjax_cli.cli_files import Input
     from whisperjax_cli.errors import AudioError
 
     clip = Path(__file__).parent / "data" / "numbers.flac"

@@ -15,9 +15,8 @@ from typing import Optional
 
 import click
 
-from whisperjax_cli.cli import (
-    EXIT_FAILED, EXIT_OK, Input, _describe, _say, cli, collect_inputs, load_for_cli, run_guarded, runtime_options,
-)
+from whisperjax_cli.cli import EXIT_FAILED, EXIT_OK, _describe, _say, cli, load_for_cli, run_guarded, runtime_options
+from whisperjax_cli.cli_files import Input, collect_inputs
 from whisperjax_cli.errors import UsageError
 
 # ---------------------------------------------------------------- classify
