@@ -374,13 +374,15 @@ def test_temperature_fallback_follows_openai():
     base = dict(task="transcribe", timestamps=True, mode="sequential", condition_on_previous_text=True,
                 temperature=None, temperature_increment_on_fallback=0.2, language=None, beam_size=None,
                 best_of=None, patience=None, length_penalty=None, initial_prompt=None, batch_size=None,
-                compression_ratio_threshold=None, logprob_threshold=None, no_speech_threshold=None)
+                compression_ratio_threshold=None, logprob_threshold=None, no_speech_threshold=None,
+                stop_loops=True)
     assert "temperature" not in decode_options(base)  # the library's default fallback list
     assert decode_options({**base, "temperature": 0.4})["temperature"] == (0.4, 0.6, 0.8, 1.0)
     assert decode_options({**base, "temperature": 0.5})["temperature"] == (0.5, 0.7, 0.9)
     assert decode_options({**base, "temperature": 0.3, "temperature_increment_on_fallback": 0})["temperature"] == (0.3,)
     kwargs = decode_options({**base, "timestamps": False, "beam_size": 3, "language": "de"})
     assert kwargs["without_timestamps"] is True and kwargs["beam_size"] == 3 and kwargs["language"] == "de"
+    assert decode_options(base)["stop_loops"] is True and decode_options({**base, "stop_loops": False})["stop_loops"] is False
 
 
 def test_segment_line_is_openai_verbose_format():

@@ -106,14 +106,14 @@ def test_stretches_cut_at_quiet_points_near_equal_shares():
     assert len(long) == 12
 
 
-def test_looping_rows_stop_early_in_batched_mode_only_unless_asked(tiny_en):
+def test_looping_rows_stop_early_in_both_modes_unless_asked(tiny_en):
     from whisperjax_cli.decoding import LOOP_SPAN
     from whisperjax_cli.transcribe import make_transcriber
 
-    spans = {(mode, stop): make_transcriber(tiny_en, mode=mode, stop_loops=stop).decoder.config.loop_span
-             for mode in ("sequential", "batched") for stop in (None, True, False)}
-    assert spans == {("sequential", None): 0, ("sequential", True): LOOP_SPAN, ("sequential", False): 0,
-                     ("batched", None): LOOP_SPAN, ("batched", True): LOOP_SPAN, ("batched", False): 0}
+    spans = {(mode, tuple(stop.values())): make_transcriber(tiny_en, mode=mode, **stop).decoder.config.loop_span
+             for mode in ("sequential", "batched") for stop in ({}, {"stop_loops": False})}
+    assert spans == {("sequential", ()): LOOP_SPAN, ("sequential", (False,)): 0,
+                     ("batched", ()): LOOP_SPAN, ("batched", (False,)): 0}
 
 
 def test_segments_are_a_lazy_generator(tiny_en, long_audio, sequential):

@@ -211,7 +211,7 @@ def load_for_cli(model: str, device, dtype, threads, no_compile_cache, loader: O
 def decode_options(o: dict) -> dict:
     """Keyword arguments for :func:`~whisperjax_cli.transcribe.transcribe_files` from options."""
     kwargs = dict(task=o["task"], without_timestamps=not o["timestamps"], mode=o["mode"],
-                  condition_on_previous_text=o["condition_on_previous_text"])
+                  condition_on_previous_text=o["condition_on_previous_text"], stop_loops=o["stop_loops"])
     if o["temperature"] is not None:
         t, step = o["temperature"], o["temperature_increment_on_fallback"]
         # openai-whisper: fall back from T in steps up to 1.0; a step of 0 means no fallback.
@@ -250,6 +250,8 @@ def decode_options(o: dict) -> dict:
 @click.option("--initial-prompt", default=None, help="Text to condition the first window on.")
 @click.option("--condition-on-previous-text/--no-condition-on-previous-text", default=True, show_default=True,
               help="Prompt each window with the previous window's text.")
+@click.option("--stop-loops/--no-stop-loops", default=True, show_default=True,
+              help="End a sample once it repeats itself and try the next temperature (no: OpenAI's rule alone).")
 @click.option("--compression-ratio-threshold", type=float, default=None, help="Fallback above this gzip ratio [2.4].")
 @click.option("--logprob-threshold", type=float, default=None, help="Fallback below this average log prob [-1].")
 @click.option("--no-speech-threshold", type=float, default=None, help="Silence above this no-speech prob [0.6].")

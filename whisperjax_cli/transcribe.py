@@ -157,8 +157,6 @@ class Transcriber:
                  progress: Optional[Callable[[int, float, float], None]] = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-        if options.stop_loops is None:  # looping rows end early in throughput mode only
-            options = dataclasses.replace(options, stop_loops=mode == "batched")
         self.model, self.options, self.mode = model, options, mode
         self.batch_size = max(1, batch_size)
         self.decoder = WindowDecoder(model, options)

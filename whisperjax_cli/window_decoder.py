@@ -70,9 +70,9 @@ class DecodingOptions:
     logprob_threshold: Optional[float] = -1.0
     no_speech_threshold: Optional[float] = 0.6
     # End a row once its last tokens loop ("au.au.au."), and count it as too repetitive, instead
-    # of sampling on to sample_len: a departure from OpenAI that only saves time (such a row
-    # nearly always fails the compression check anyway). None: on in batched long-form mode.
-    stop_loops: Optional[bool] = None
+    # of sampling on to sample_len: a departure from OpenAI (such a row nearly always fails the
+    # compression check anyway, after up to 224 steps of five samples). False: OpenAI's rule alone.
+    stop_loops: bool = True
 
 
 @dataclasses.dataclass
