@@ -138,7 +138,9 @@ def test_greedy_tokens_identical_to_faster_whisper(model_name, request, clip_aud
     mismatches = []
     for clip in CLIPS:
         audio = clip_audio[clip.name]
-        ours = transcribe(model, audio, temperature=0.0, without_timestamps=True)
+        # OpenAI's rule alone: tiny.en loops on the Russian clip, where by default our row would
+        # stop while CTranslate2 runs on to the length limit.
+        ours = transcribe(model, audio, temperature=0.0, without_timestamps=True, stop_loops=False)
         segs, info = fw.transcribe(audio, beam_size=1, without_timestamps=True, temperature=0.0,
                                    condition_on_previous_text=False)
         theirs = [t for s in segs for t in s.tokens]
