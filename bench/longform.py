@@ -138,6 +138,13 @@ def memory_run(model: str, hours: float, mode: str) -> dict:
     """Transcribes an ``hours``-long input in a fresh process; returns its peak RSS."""
     code = f"""
 import json, resource, sys, time, numpy as np, soundfile as sf
+def peak_mb():
+    # VmHWM: this program's own peak. ru_maxrss also counts the parent's RSS at the fork that
+    # started it (Linux keeps it across exec), which after the WER rows here is several GB.
+    try:
+        return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 from whisperjax_cli.models import load_model
 from whisperjax_cli.transcribe import transcribe_files
 speech = sf.read({str(OUT / 'longform.wav')!r}, dtype='float32')[0]
@@ -148,12 +155,11 @@ audio = (np.random.default_rng(0).standard_normal(n, dtype=np.float32) * 1e-5).c
 audio[: len(speech)] = speech
 audio[n - len(speech):] = speech
 m = load_model({model!r})
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = peak_mb()
 t0 = time.perf_counter(); segments = 0
 for e in transcribe_files(m, [audio], mode={mode!r}, batch_size=8):
     segments += len(e.segments)
-print(json.dumps(dict(audio_mb=audio.nbytes / 2**20, rss_before_mb=base / 1024,
-                      peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps(dict(audio_mb=audio.nbytes / 2**20, rss_before_mb=base, peak_rss_mb=peak_mb(),
                       seconds=time.perf_counter() - t0, segments=segments)))
 """
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
