@@ -13,13 +13,13 @@ each (``jax.random.PRNGKey(seed)`` here, so our rows repeat exactly from run to 
 faster-whisper's passes call ``ctranslate2.set_random_seed(seed)``, but that does not make
 CTranslate2's sampling repeatable (OpenNMT/CTranslate2#1757): its rows move between runs of this
 same command (mean WER of its greedy row 22.8-35.6 % over five runs), so compare means over many
-passes rather than one run's. Before timing, wjx runs one untimed pass over the whole audio, so the prompt and
-batch buckets it compiles are not counted (every decode program it may meet is compiled first,
-or loaded from the on-disk cache); faster-whisper warms up on the first minute.
+passes rather than one run's. Before timing, wjx runs one untimed pass over the whole audio, so
+the prompt and batch buckets it compiles are not counted (every decode program it may meet is
+compiled first, or loaded from the on-disk cache); faster-whisper warms up on the first minute.
 
-With ``--memory-hours H`` it also synthesises an H-hour input (the speech at its start and its end,
-dither under -80 dBFS between, which is skipped undecoded, so the run takes minutes, not an hour) and reports the peak RSS of a
-subprocess that transcribes it, next to the size of its 16 kHz audio: the log-mel is computed per
+With ``--memory-hours H`` it also synthesises an H-hour input (the speech at its start and its
+end, dither under -80 dBFS between, which is skipped undecoded, so the run takes minutes, not an
+hour) and reports the peak RSS of a subprocess that transcribes it, next to the size of its 16 kHz audio: the log-mel is computed per
 window, so the peak should exceed the model + audio only by a constant.
 
     python bench/longform.py --model tiny.en --threads 2 --memory-hours 2

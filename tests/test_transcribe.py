@@ -110,10 +110,9 @@ def test_looping_rows_stop_early_in_both_modes_unless_asked(tiny_en):
     from whisperjax_cli.decoding import LOOP_SPAN
     from whisperjax_cli.transcribe import make_transcriber
 
-    spans = {(mode, tuple(stop.values())): make_transcriber(tiny_en, mode=mode, **stop).decoder.config.loop_span
-             for mode in ("sequential", "batched") for stop in ({}, {"stop_loops": False})}
-    assert spans == {("sequential", ()): LOOP_SPAN, ("sequential", (False,)): 0,
-                     ("batched", ()): LOOP_SPAN, ("batched", (False,)): 0}
+    for mode in ("sequential", "batched"):
+        assert make_transcriber(tiny_en, mode=mode).decoder.config.loop_span == LOOP_SPAN
+        assert make_transcriber(tiny_en, mode=mode, stop_loops=False).decoder.config.loop_span == 0
 
 
 def test_segments_are_a_lazy_generator(tiny_en, long_audio, sequential):

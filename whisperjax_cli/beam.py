@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from whisperjax_cli.decoding import DecodeOutput, LoopConfig, filter_logits, prefill
-from whisperjax_cli.model import KVCache, Whisper, init_cache
+from whisperjax_cli.model import Whisper, init_cache, take_rows
 
 Array = jax.Array
 
@@ -264,8 +264,8 @@ def beam_search_window(
     """Beam-search decodes a batch of audio windows; ``decoding.decode_window``'s convention.
 
     The prompt is prefilled once per audio row; the beams of a row share its cross-attention
-    keys/values (held constant, read once per step for all beams), so the loop's cache (gathered
-    on every reorder) is only the self-attention buffers.
+    keys/values (held constant, read once per step for all beams); reordering beams gathers only
+    the self-attention buffers (:func:`~whisperjax_cli.model.take_rows`).
 
     Args:
       module: the model (static).
@@ -282,28 +282,19 @@ def beam_search_window(
     cache = init_cache(module.dims, cross, prompt_len + config.sample_len, module.dtype)
     last_logits, cache, no_speech_prob = prefill(module, params, prompt, cache, pad, sot_index, config)
 
-    # Beams of one audio share its cross-attention keys/values (the model groups rows by audio).
-    cross_k, cross_v = cache.cross_k, cache.cross_v
     beam_pad = jnp.repeat(pad, beam_size, axis=0)
 
-    # The loop holds the self-attention buffers in the model's own layout, rows and heads folded
-    # into one axis, and reorders beams by gathering each row's heads. Unfolding them to
-    # [rows, heads, ...] around each model call (to gather on the leading axis) made XLA copy
-    # every buffer at every step: 20 ms a step instead of 14 with a 232-token prompt.
-    heads = module.dims.n_text_head
-    row_heads = lambda rows: (rows[:, None] * heads + jnp.arange(heads)).reshape(-1)  # noqa: E731
-
-    def take(self_kv, rows):
-        return take_leading(self_kv, row_heads(rows))
-
-    def step(token, self_kv, index):
-        full = KVCache(self_k=self_kv[0], self_v=self_kv[1], cross_k=cross_k, cross_v=cross_v)
-        logits, full = module.apply({"params": params}, token, full, index, beam_pad, method=Whisper.decode)
-        return logits[:, -1], (full.self_k, full.self_v)
+    # The loop carries the model's cache as it is (audio keys/values one per audio, shared by its
+    # beams) and reorders beams with take_rows. Unfolding the self-attention buffers to
+    # [rows, heads, ...] around each model call made XLA copy every buffer at every step: 20 ms
+    # a step instead of 14 with a 232-token prompt.
+    def step(token, cache, index):
+        logits, cache = module.apply({"params": params}, token, cache, index, beam_pad, method=Whisper.decode)
+        return logits[:, -1], cache
 
     buffer = jnp.concatenate([prompt, jnp.full((batch, config.sample_len), config.eot, jnp.int32)], axis=1)
     tokens, sum_logprobs = beam_search(
-        step, buffer, last_logits, (cache.self_k, cache.self_v), jnp.int32(prompt_len),
-        suppress_mask, begin_mask, config, beam_size, patience, length_penalty, finish_top_only, take,
+        step, buffer, last_logits, cache, jnp.int32(prompt_len),
+        suppress_mask, begin_mask, config, beam_size, patience, length_penalty, finish_top_only, take_rows,
     )
     return DecodeOutput(tokens, sum_logprobs, no_speech_prob)
