@@ -17,12 +17,14 @@ passes rather than one run's. Before timing, wjx runs one untimed pass over the 
 the prompt and batch buckets it compiles are not counted (every decode program it may meet is
 compiled first, or loaded from the on-disk cache); faster-whisper warms up on the first minute.
 
-With ``--memory-hours H`` it also synthesises an H-hour input (the speech at its start and its
-end, dither under -80 dBFS between, which is skipped undecoded, so the run takes minutes, not an
-hour) and reports the peak RSS of a subprocess that transcribes it, next to the size of its 16 kHz audio: the log-mel is computed per
-window, so the peak should exceed the model + audio only by a constant.
+With ``--memory-hours H [H ...]`` it also synthesises H-hour inputs (the speech at its start and
+its end, dither under -80 dBFS between, which is skipped undecoded, so a run takes a minute, not
+an hour) and reports the peak RSS of a subprocess that transcribes each, next to the size of its
+16 kHz audio and the RSS before transcription (model and audio loaded). The log-mel is computed
+per window, so what transcription adds should not depend on the hours; between two lengths the
+peak should grow by the extra audio alone.
 
-    python bench/longform.py --model tiny.en --threads 2 --memory-hours 2
+    python bench/longform.py --model tiny.en --threads 2 --memory-hours 1 2
 """
 
 from __future__ import annotations
@@ -151,7 +153,10 @@ speech = sf.read({str(OUT / 'longform.wav')!r}, dtype='float32')[0]
 n = int({hours} * 3600 * 16000)
 # The speech at the start and at the end; between them dither far below -80 dBFS (real, resident
 # pages that the silence gate skips without decoding, unlike zeros that the kernel never maps).
-audio = (np.random.default_rng(0).standard_normal(n, dtype=np.float32) * 1e-5).clip(-9e-5, 9e-5)
+# Built in place: temporaries of the whole input would set the peak before transcription starts.
+audio = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
+audio *= 1e-5
+np.clip(audio, -9e-5, 9e-5, out=audio)
 audio[: len(speech)] = speech
 audio[n - len(speech):] = speech
 m = load_model({model!r})
@@ -173,7 +178,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=3, help="timed passes per row, one sampling seed each")
     parser.add_argument("--skip", nargs="*", default=[], help="rows to skip, e.g. 'fw-beam5' 'wjx-beam5'")
-    parser.add_argument("--memory-hours", type=float, default=0.0)
+    parser.add_argument("--memory-hours", type=float, nargs="*", default=[],
+                        help="input lengths for the peak-RSS runs, e.g. 1 2 (the growth between them is reported)")
     parser.add_argument("--memory-mode", default="sequential")
     parser.add_argument("--memory-only", action="store_true", help="skip the WER/RTFx rows")
     args = parser.parse_args()
@@ -217,11 +223,18 @@ def main() -> int:
         for name, r in results.items():
             print(f"{name:14} speed vs fw-greedy: {r['rtfx'] / base['rtfx']:.2f}x, WER delta {r['wer'] - base['wer']:+.2f}")
     (OUT / "longform.json").write_text(json.dumps(results, indent=1))
-    if args.memory_hours:
-        mem = memory_run(args.model, args.memory_hours, args.memory_mode)
-        print(f"memory: {args.memory_hours} h input ({mem['audio_mb']:.0f} MB of 16 kHz audio), {args.memory_mode}: "
-              f"peak RSS {mem['peak_rss_mb']:.0f} MB (model loaded: {mem['rss_before_mb']:.0f} MB), "
-              f"{mem['seconds']:.0f} s, {mem['segments']} segments")
+    runs = []
+    for hours in args.memory_hours:
+        mem = memory_run(args.model, hours, args.memory_mode)
+        runs.append((hours, mem))
+        print(f"memory: {hours:g} h input ({mem['audio_mb']:.0f} MB of 16 kHz audio), {args.memory_mode}: "
+              f"peak RSS {mem['peak_rss_mb']:.0f} MB (model + audio before transcribing: {mem['rss_before_mb']:.0f} MB; "
+              f"transcription adds {mem['peak_rss_mb'] - mem['rss_before_mb']:.0f} MB), "
+              f"{mem['seconds']:.0f} s, {mem['segments']} segments", flush=True)
+    if len(runs) > 1:
+        (h0, m0), (h1, m1) = runs[0], runs[-1]
+        print(f"memory: from {h0:g} h to {h1:g} h the peak grows {m1['peak_rss_mb'] - m0['peak_rss_mb']:.0f} MB "
+              f"for {m1['audio_mb'] - m0['audio_mb']:.0f} MB more audio")
     return 0
 
 

@@ -10,7 +10,7 @@ import pysubs2
 import pytest
 
 from conftest import CLIPS, faster_whisper_model
-from whisperjax_cli.transcribe import _Stream, split_stretches, transcribe, transcribe_files, transcribe_segments
+from whisperjax_cli.transcribe import ENERGY_BLOCK, _Stream, frame_energy, split_stretches, transcribe, transcribe_files, transcribe_segments
 from whisperjax_cli.writers import get_writer
 
 
@@ -104,6 +104,14 @@ def test_stretches_cut_at_quiet_points_near_equal_shares():
     assert [r[0] for r in many[1:]] == [r[1] for r in many[:-1]] and many[-1][1] == frames
     long = split_stretches(np.zeros(100 * 3600), 0, 100 * 3600, 8)  # 1 h at batch 8: 5 min at most
     assert len(long) == 12
+
+
+def test_frame_energy_in_blocks_equals_the_whole_file_at_once():
+    audio = np.random.default_rng(1).standard_normal(160 * (2 * ENERGY_BLOCK + 17) + 77).astype(np.float32)
+    audio[160 * ENERGY_BLOCK :] *= 1e-3  # a quiet second part: the blocks must not share a scale
+    n = len(audio) // 160
+    whole = np.log10(np.mean(audio[: n * 160].reshape(n, 160).astype(np.float64) ** 2, axis=1) + 1e-10)
+    assert np.array_equal(frame_energy(audio), whole)
 
 
 def test_looping_rows_stop_early_in_both_modes_unless_asked(tiny_en):

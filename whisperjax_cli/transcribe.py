@@ -116,11 +116,18 @@ def is_digital_silence(samples: np.ndarray) -> bool:
     return samples.size == 0 or float(np.max(np.abs(samples))) < SILENCE_PEAK
 
 
+ENERGY_BLOCK = 6000  # frames (60 s) per step of frame_energy
+
+
 def frame_energy(audio: np.ndarray) -> np.ndarray:
     """Log power of each 10 ms frame (one value per mel frame), ``[len(audio) // 160]``."""
     n = len(audio) // HOP_LENGTH
     frames = audio[: n * HOP_LENGTH].reshape(n, HOP_LENGTH)
-    return np.log10(np.mean(frames.astype(np.float64) ** 2, axis=1) + 1e-10)
+    energy = np.empty(n, np.float64)
+    for i in range(0, n, ENERGY_BLOCK):  # in blocks: float64 temporaries of the whole file are 4x its audio
+        block = frames[i : i + ENERGY_BLOCK].astype(np.float64)
+        energy[i : i + ENERGY_BLOCK] = np.log10(np.mean(block * block, axis=1) + 1e-10)
+    return energy
 
 
 STRETCH_MIN, STRETCH_MAX = 60 * FRAMES_PER_SECOND, 300 * FRAMES_PER_SECOND
