@@ -1,5 +1,9 @@
 """Long-form accuracy and speed: wjx (sequential greedy, sequential beam 5, batched) against
 faster-whisper (sequential greedy and beam 5) on the same audio, weights and settings.
+``wjx-batched`` runs as ``wjx transcribe --mode batched`` does on this machine: in mixed
+precision (``dtype="mixed"``: the encoder's products and the output projection in bfloat16,
+float32 accumulation) on a CPU with bfloat16 dot instructions; ``wjx-batched-f32`` is the same
+in float32. Every other row is float32.
 
 The audio is espeak-ng reading the Apache License 2.0 (Debian's /usr/share/common-licenses),
 paragraph by paragraph with 1.2 s pauses, and 60 s of faint noise in the middle: about ten
@@ -186,21 +190,27 @@ def main() -> int:
 
     from faster_whisper import WhisperModel as FasterWhisper
 
-    from whisperjax_cli.models import load_model
+    from whisperjax_cli.models import load_model, throughput_dtype
 
     OUT.mkdir(parents=True, exist_ok=True)
     audio, reference = synthesise(OUT / "longform.wav")
     duration = len(audio) / SR
     model = load_model(args.model, dtype="float32")
+    # What `wjx transcribe --mode batched` loads on this CPU: mixed precision where it has
+    # bfloat16 dot instructions (float32 otherwise); its float32 row is shown next to it.
+    batched_dtype = throughput_dtype("cpu") or "float32"
+    batched_model = load_model(args.model, dtype=batched_dtype) if batched_dtype != "float32" else model
     fw = FasterWhisper(str(model.path), device="cpu", compute_type="float32", cpu_threads=args.threads)
-    print(f"audio: {duration / 60:.1f} min, model {args.model}, {args.threads} threads, float32")
+    print(f"audio: {duration / 60:.1f} min, model {args.model}, {args.threads} threads, float32 "
+          f"(wjx-batched: {batched_dtype})")
     seeds = list(range(args.seeds))
     rows = {
         "fw-greedy": lambda: run_faster_whisper(fw, audio, seeds, beam_size=1),
         "fw-beam5": lambda: run_faster_whisper(fw, audio, seeds, beam_size=5),
         "wjx-greedy": lambda: run_ours(model, audio, seeds),
         "wjx-beam5": lambda: run_ours(model, audio, seeds, beam_size=5),
-        "wjx-batched": lambda: run_ours(model, audio, seeds, mode="batched", batch_size=args.batch_size),
+        "wjx-batched": lambda: run_ours(batched_model, audio, seeds, mode="batched", batch_size=args.batch_size),
+        "wjx-batched-f32": lambda: run_ours(model, audio, seeds, mode="batched", batch_size=args.batch_size),
     }
     results = {}
     if args.memory_only:

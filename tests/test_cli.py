@@ -41,10 +41,11 @@ def model():
 @pytest.fixture()
 def run(model, monkeypatch, tmp_path):
     """Invokes ``wjx`` in-process in ``tmp_path`` with the shared model; returns the Result."""
-    calls = []
+    calls, dtypes = [], []
 
     def load_shared(name, dtype=None, on_params=None):
         calls.append(name)
+        dtypes.append(dtype)
         if name != "tiny.en":
             return real_load(name, dtype, on_params=on_params)
         if on_params is not None:
@@ -55,7 +56,7 @@ def run(model, monkeypatch, tmp_path):
     monkeypatch.setattr(models, "load_model", load_shared)
     invoke = cli_invoker(monkeypatch, tmp_path)
     monkeypatch.setenv("WJX_CACHE_DIR", str(tmp_path / "cache"))
-    invoke.load_calls = calls
+    invoke.load_calls, invoke.load_dtypes = calls, dtypes
     return invoke
 
 
@@ -490,3 +491,13 @@ def test_models_download_offline_exits_3(tmp_path):
     assert proc.stdout == ""
     assert proc.stderr.startswith("wjx: nobody-wjx-test/absent: cannot download from the Hugging Face Hub")
     assert len(proc.stderr.splitlines()) == 1
+
+
+def test_batched_mode_loads_mixed_precision_where_the_cpu_has_bfloat16_dot(run, monkeypatch):
+    for has_dot in (True, False):
+        monkeypatch.setattr(models, "cpu_has_bfloat16_dot", lambda: has_dot)
+        for extra in (["--mode", "batched"], ["--mode", "batched", "--dtype", "float32"], []):
+            result = run("transcribe", GO, "--device", "cpu", *extra)
+            assert result.exit_code == 0, result.output
+            chosen = "mixed" if has_dot and extra == ["--mode", "batched"] else extra[-1] if "--dtype" in extra else None
+            assert run.load_dtypes[-1] == chosen, (has_dot, extra)

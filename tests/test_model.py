@@ -107,6 +107,34 @@ def test_bfloat16_compute_keeps_float32_logits():
     np.testing.assert_allclose(logits, ref, atol=0.15)
 
 
+def test_mixed_matmuls_stay_close_to_float32_and_a_lone_row_equals_its_batch(tiny_en, clip_audio):
+    """Mixed precision (bfloat16 products, float32 accumulation) on real weights and speech:
+    logits within a few tenths of float32's, the same greedy token wherever it is clear; a single row, whose
+    projection is padded to two (bfloat16's matrix-vector path is slow), equals its batch."""
+    import dataclasses
+
+    from whisperjax_cli import weights
+    from whisperjax_cli.features import log_mel_spectrogram, pad_or_trim
+
+    flat = {k: (v.astype(jnp.bfloat16) if weights.is_mixed_weight(tuple(k.split("/"))) else v)
+            for k, v in weights.flatten(tiny_en.params).items()}
+    mixed = dataclasses.replace(tiny_en, params=weights.unflatten(flat), matmul_dtype=jnp.bfloat16)
+    mel = np.stack([pad_or_trim(log_mel_spectrogram(clip_audio[name])) for name in ("goforward.flac", "cards-001.flac")])
+    tok = tiny_en.tokenizer
+    texts = (" Go forward 10 meters.", " 10 of clubs. Go forward.")  # what each clip says, then more
+    tokens = jnp.array([list(tok.sot_sequence) + [tok.no_timestamps] + tok.encode(t)[:5] for t in texts])
+    run = lambda m, x, t: jax.jit(lambda p: m.module.apply({"params": p}, x, t))(m.params)  # noqa: E731
+    ref, got = run(tiny_en, mel, tokens), run(mixed, mel, tokens)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, ref, atol=0.25)
+    top2 = np.sort(np.asarray(ref), axis=-1)[..., -2:]
+    clear = top2[..., 1] - top2[..., 0] > 0.5  # not a near tie (as <|notimestamps|> vs <|0.00|> can be)
+    assert clear.sum() >= 3
+    np.testing.assert_array_equal(np.asarray(got.argmax(-1))[clear], np.asarray(ref.argmax(-1))[clear])
+    lone = run(mixed, mel[:1], tokens[:1, :1])  # one row, one position: the padded projection
+    np.testing.assert_allclose(lone[0], run(mixed, mel, tokens[:, :1])[0], rtol=1e-6, atol=1e-5)
+
+
 def test_rows_sharing_an_audio_equal_repeating_it():
     """A prompt run once per audio, its cache rows repeated (repeat_rows) and the rows then
     grouped on one audio's cross keys/values, gives the logits of repeating audio and prompt."""

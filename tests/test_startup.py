@@ -122,7 +122,7 @@ def test_cached_jit_loads_whole_programs_in_a_new_process(tmp_path):
 def test_preloaded_weights_are_those_load_model_reads(tiny_en):
     """preload_model lays the weights out on a background thread (before JAX starts, in the CLI);
     load_model takes them when the path and dtype agree, and reads the files itself otherwise."""
-    from whisperjax_cli import models
+    from whisperjax_cli import models, weights
 
     assert models.preload_model("tiny.en", None, "cpu")
     model = models.load_model("tiny.en", dtype="float32")
@@ -132,6 +132,22 @@ def test_preloaded_weights_are_those_load_model_reads(tiny_en):
     for a, b in zip(got, want):
         assert a.dtype == b.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    assert models.preload_model("tiny.en", "mixed", None)
+    mixed = models.load_model("tiny.en", dtype="mixed")
+    assert not models._preloading and mixed.dtype == jnp.float32 and mixed.matmul_dtype == jnp.bfloat16
+    flat_mixed, flat_ref = weights.flatten(mixed.params), weights.flatten(tiny_en.params)
+    assert sorted(flat_mixed) == sorted(flat_ref)
+    for name, ref in flat_ref.items():
+        got = flat_mixed[name]
+        if weights.is_mixed_weight(tuple(name.split("/"))):
+            assert got.dtype == jnp.bfloat16, name
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(ref).astype(jnp.bfloat16))
+        else:
+            assert got.dtype == jnp.float32, name
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    # The products mixed_matmul covers: every kernel of the encoder's blocks, and the embedding.
+    assert sum(weights.is_mixed_weight(tuple(n.split("/"))) for n in flat_ref) == 6 * tiny_en.dims.n_audio_layer + 1
 
     assert models.preload_model("tiny.en", "float16", None)
     again = models.load_model("tiny.en", dtype="float32")  # another dtype: read again
@@ -151,6 +167,7 @@ def test_guess_dtype_without_jax(monkeypatch):
     assert _guess_dtype("bfloat16", None) == jnp.bfloat16
     assert _guess_dtype(jnp.float16, None) == np.float16
     assert _guess_dtype("int8", None) is None
+    assert _guess_dtype("mixed", None) == "mixed"
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")
     assert _guess_dtype(None, None) is None  # not known before JAX starts
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")

@@ -91,6 +91,23 @@ def test_batched_mode_keeps_the_words_and_the_order(tiny_en, long_audio, sequent
     assert [s.id for s in batched.segments] == list(range(len(batched.segments)))
 
 
+def test_mixed_precision_batched_mode_keeps_the_words(long_audio, sequential, monkeypatch):
+    """dtype="mixed" (what batched CLI runs pick on a CPU with bfloat16 dot instructions): the
+    encoder's products and the output projection in bfloat16. The words stay those of the
+    float32 sequential transcript (itself faster-whisper's, test above)."""
+    import whisperjax_cli.transcribe as module
+    from whisperjax_cli.models import load_model
+
+    monkeypatch.setattr(module, "STRETCH_MIN", 1500)
+    mixed = load_model("tiny.en", dtype="mixed")
+    batched = transcribe(mixed, long_audio, mode="batched", batch_size=4)
+    _check_times(batched, len(long_audio) / 16000)
+    words = lambda r: [w.strip(".,").lower() for w in r.text.split()]  # noqa: E731
+    ref, got = words(sequential), words(batched)
+    assert sum(1 for w in set(ref) if w not in got) <= 2, (ref, got)
+    assert len(got) <= len(ref) + 3  # nothing hallucinated either
+
+
 def test_stretches_cut_at_quiet_points_near_equal_shares():
     rng = np.random.default_rng(0)
     frames = 100 * 60 * 10  # 10 min

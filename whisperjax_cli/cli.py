@@ -33,7 +33,7 @@ from whisperjax_cli.errors import ModelError, UsageError, WjxError
 from whisperjax_cli.writers import ALL_FORMATS, FORMATS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "mixed")
 
 EPILOG = """\b
 Examples:
@@ -168,7 +168,9 @@ def runtime_options(fn):
         click.option("--device", type=click.Choice(["cpu", "gpu", "tpu"]), default=None,
                      help="Run on this device; exit 2 if JAX has none. Default: an accelerator if any, else CPU."),
         click.option("--dtype", type=click.Choice(DTYPES), default=None,
-                     help="Compute dtype. Default: float32 on CPU, bfloat16 on accelerators."),
+                     help="Compute dtype. Default: float32 on CPU, bfloat16 on accelerators; for "
+                          "transcribe --mode batched on a CPU with bfloat16 dot instructions, mixed: "
+                          "float32 with the encoder's and the output projection's products in bfloat16."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="CPU threads for XLA (pins the process to that many cores)."),
         click.option("--no-compile-cache", is_flag=True,
@@ -303,8 +305,10 @@ def run_transcribe(o: dict) -> int:
     if not inputs:
         return EXIT_FAILED if errors else EXIT_OK
     on_params = _read_ahead(inputs, o)
-    model = load_for_cli(o["model"], o["device"], o["dtype"], o["threads"], o["no_compile_cache"],
-                         on_params=on_params)
+    from whisperjax_cli.models import throughput_dtype
+
+    dtype = o["dtype"] or (throughput_dtype(o["device"]) if o["mode"] == "batched" else None)
+    model = load_for_cli(o["model"], o["device"], dtype, o["threads"], o["no_compile_cache"], on_params=on_params)
     show = o["show_progress"]
     if show is None:
         show = not o["quiet"] and sys.stderr.isatty()

@@ -15,7 +15,7 @@ from typing import Optional
 
 import click
 
-from whisperjax_cli.cli import EXIT_FAILED, EXIT_OK, _describe, _say, cli, load_for_cli, run_guarded, runtime_options
+from whisperjax_cli.cli import DTYPES, EXIT_FAILED, EXIT_OK, _describe, _say, cli, load_for_cli, run_guarded, runtime_options
 from whisperjax_cli.cli_files import Input, collect_inputs
 from whisperjax_cli.errors import UsageError
 
@@ -58,6 +58,9 @@ def _classify_runtime_options(model_help: str, drop: tuple[str, ...] = ()):
         for param in fn.__click_params__:
             if param.name == "model":
                 param.default, param.show_default, param.help = CLASSIFY_MODEL, True, model_help
+            if param.name == "dtype":  # mixed is a transcription speed-up (the output projection)
+                param.type = click.Choice([d for d in DTYPES if d != "mixed"])
+                param.help = "Compute dtype. Default: float32 on CPU, bfloat16 on accelerators."
             if param.name not in drop:
                 kept.append(param)
         fn.__click_params__[:] = kept

@@ -21,6 +21,31 @@ Array = jax.Array
 _NEG_INF = -1e9  # added to masked attention scores; finite so fully-masked rows stay NaN-free
 
 
+def mixed_matmul(lhs: Array, rhs: Array, dimension_numbers, matmul_dtype) -> Array:
+    """``dot_general`` with both operands in ``matmul_dtype`` and float32 accumulation and result.
+
+    On a CPU with bfloat16 dot instructions (AVX512-BF16: Zen 4, Sapphire Rapids) XLA runs a
+    bfloat16 GEMM about twice as fast as a float32 one, except a single-row product (a
+    matrix-vector one), which it runs ~10x slower: callers keep those in float32.
+    """
+    return jax.lax.dot_general(lhs.astype(matmul_dtype), rhs.astype(matmul_dtype), dimension_numbers,
+                               preferred_element_type=jnp.float32)
+
+
+def _keep_kernel(inputs, kernel, bias, dtype=None):
+    """Dense's promote_dtype for a kernel stored in the matmul dtype: only the input and bias move."""
+    return inputs.astype(dtype), kernel, None if bias is None else bias.astype(dtype)
+
+
+def dense(features: int, dtype, matmul_dtype=None, use_bias: bool = True) -> nn.Dense:
+    """``nn.Dense``; with ``matmul_dtype``, its kernel (cast so at load) multiplies in that dtype."""
+    if matmul_dtype is None:
+        return nn.Dense(features, use_bias=use_bias, dtype=dtype)
+    dot = lambda lhs, rhs, dims, precision=None, preferred_element_type=None: (  # noqa: E731
+        mixed_matmul(lhs, rhs, dims, matmul_dtype).astype(dtype))
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, promote_dtype=_keep_kernel, dot_general=dot)
+
+
 @flax.struct.dataclass
 class KVCache:
     """Per-layer key/value buffers for the decoder, head-major.
@@ -123,17 +148,27 @@ def _query_blocks(q_len: int, target: int = 300) -> int:
     return 1
 
 
-def _attend(q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array:
+def _attend(q: Array, k: Array, v: Array, mask: Optional[Array], matmul_dtype=None) -> Array:
     """Softmax attention over ``[..., len, head_dim]`` operands; ``mask`` (True = attend)
-    broadcasts against the scores ``[..., q_len, kv_len]``."""
-    scores = jnp.einsum("...td,...sd->...ts", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+    broadcasts against the scores ``[..., q_len, kv_len]``. With ``matmul_dtype`` both products
+    take their operands in it (float32 accumulation), the softmax stays in float32."""
+    if matmul_dtype is None:
+        scores = jnp.einsum("...td,...sd->...ts", q, k).astype(jnp.float32)
+    else:
+        scores = jnp.einsum("...td,...sd->...ts", q.astype(matmul_dtype), k.astype(matmul_dtype),
+                            preferred_element_type=jnp.float32)
+    scores = scores * q.shape[-1] ** -0.5
     if mask is not None:
         scores = jnp.where(mask, scores, _NEG_INF)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("...ts,...sd->...td", weights, v)
+    weights = jax.nn.softmax(scores, axis=-1)
+    if matmul_dtype is None:
+        return jnp.einsum("...ts,...sd->...td", weights.astype(v.dtype), v)
+    out = jnp.einsum("...ts,...sd->...td", weights.astype(matmul_dtype), v.astype(matmul_dtype),
+                     preferred_element_type=jnp.float32)
+    return out.astype(v.dtype)
 
 
-def attention(q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array:
+def attention(q: Array, k: Array, v: Array, mask: Optional[Array], matmul_dtype=None) -> Array:
     """Scaled dot-product attention, head-major.
 
     Long unmasked queries (the encoder's 1500 positions) are attended in blocks of ~300 one
@@ -149,9 +184,9 @@ def attention(q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array:
     b, h, t, dh = q.shape
     n = _query_blocks(t) if mask is None else 1
     if n == 1:
-        return merge_heads(_attend(q, k, v, None if mask is None else mask[:, None]))
+        return merge_heads(_attend(q, k, v, None if mask is None else mask[:, None], matmul_dtype))
     blocks = q.reshape(b, h, n, t // n, dh).transpose(2, 0, 1, 3, 4)  # [blocks, batch, heads, t/n, head_dim]
-    out = jax.lax.map(lambda qb: _attend(qb, k, v, None), blocks)
+    out = jax.lax.map(lambda qb: _attend(qb, k, v, None, matmul_dtype), blocks)
     return merge_heads(out.transpose(1, 2, 0, 3, 4).reshape(b, h, t, dh))
 
 
@@ -159,12 +194,13 @@ class MultiHeadAttention(nn.Module):
     n_state: int
     n_head: int
     dtype: Any = jnp.float32
+    matmul_dtype: Any = None  # the encoder's, with weights stored in it (see mixed_matmul)
 
     def setup(self):
-        self.query = nn.Dense(self.n_state, dtype=self.dtype)
-        self.key = nn.Dense(self.n_state, use_bias=False, dtype=self.dtype)
-        self.value = nn.Dense(self.n_state, dtype=self.dtype)
-        self.out = nn.Dense(self.n_state, dtype=self.dtype)
+        self.query = dense(self.n_state, self.dtype, self.matmul_dtype)
+        self.key = dense(self.n_state, self.dtype, self.matmul_dtype, use_bias=False)
+        self.value = dense(self.n_state, self.dtype, self.matmul_dtype)
+        self.out = dense(self.n_state, self.dtype, self.matmul_dtype)
 
     def project_kv(self, x: Array) -> tuple[Array, Array]:
         """Keys and values of ``x`` ``[batch, len, state]``, head-major (what the cache stores)."""
@@ -176,7 +212,7 @@ class MultiHeadAttention(nn.Module):
     def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
         """Unmasked or masked self-attention without a cache (the encoder)."""
         k, v = self.project_kv(x)
-        return self.out(attention(self._query(x), k, v, mask))
+        return self.out(attention(self._query(x), k, v, mask, self.matmul_dtype))
 
     def cached(self, x: Array, k_buf: Array, v_buf: Array, index: Array, mask: Array):
         """Self-attention that writes this step's keys/values into the buffers at ``index``.
@@ -214,16 +250,17 @@ class ResidualAttentionBlock(nn.Module):
     n_head: int
     cross_attention: bool = False
     dtype: Any = jnp.float32
+    matmul_dtype: Any = None
 
     def setup(self):
         ln = lambda: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype)  # noqa: E731
-        self.attn = MultiHeadAttention(self.n_state, self.n_head, self.dtype)
+        self.attn = MultiHeadAttention(self.n_state, self.n_head, self.dtype, self.matmul_dtype)
         self.attn_ln = ln()
         if self.cross_attention:
             self.cross_attn = MultiHeadAttention(self.n_state, self.n_head, self.dtype)
             self.cross_attn_ln = ln()
-        self.mlp1 = nn.Dense(4 * self.n_state, dtype=self.dtype)
-        self.mlp2 = nn.Dense(self.n_state, dtype=self.dtype)
+        self.mlp1 = dense(4 * self.n_state, self.dtype, self.matmul_dtype)
+        self.mlp2 = dense(self.n_state, self.dtype, self.matmul_dtype)
         self.mlp_ln = ln()
 
     def _mlp(self, x: Array) -> Array:
@@ -247,6 +284,7 @@ class ResidualAttentionBlock(nn.Module):
 class AudioEncoder(nn.Module):
     dims: ModelDimensions
     dtype: Any = jnp.float32
+    matmul_dtype: Any = None  # every block's products (weights stored in it); see mixed_matmul
 
     def setup(self):
         d = self.dims
@@ -256,7 +294,7 @@ class AudioEncoder(nn.Module):
             "positional_embedding", lambda _: sinusoids(d.n_audio_ctx, d.n_audio_state)
         )
         self.blocks = [
-            ResidualAttentionBlock(d.n_audio_state, d.n_audio_head, dtype=self.dtype)
+            ResidualAttentionBlock(d.n_audio_state, d.n_audio_head, dtype=self.dtype, matmul_dtype=self.matmul_dtype)
             for _ in range(d.n_audio_layer)
         ]
         self.ln_post = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype)
@@ -281,6 +319,7 @@ class AudioEncoder(nn.Module):
 class TextDecoder(nn.Module):
     dims: ModelDimensions
     dtype: Any = jnp.float32
+    matmul_dtype: Any = None  # the output projection's, token_embedding stored in it
 
     def setup(self):
         d = self.dims
@@ -324,8 +363,10 @@ class TextDecoder(nn.Module):
         pad = jnp.zeros((batch,), jnp.int32) if pad is None else pad
         query_slots = index + jnp.arange(q_len)  # [q_len]
         positions = jnp.clip(query_slots[None, :] - pad[:, None], 0, self.dims.n_text_ctx - 1)
-        embedding = self.token_embedding.astype(self.dtype)
-        x = jnp.take(embedding, tokens, axis=1).transpose(1, 2, 0)  # [batch, q_len, state]
+        embedding = self.token_embedding
+        if self.matmul_dtype is None:
+            embedding = embedding.astype(self.dtype)
+        x = jnp.take(embedding, tokens, axis=1).transpose(1, 2, 0).astype(self.dtype)  # [batch, q_len, state]
         x = x + self.positional_embedding[positions].astype(self.dtype)
         slots = jnp.arange(cache.length)  # [length]
         # [batch, q_len, length]: causal over the buffer, and never a left-padding slot.
@@ -340,8 +381,20 @@ class TextDecoder(nn.Module):
         if logits_at is not None:
             x = jnp.take(x, logits_at, axis=1)  # [batch, k, state]
         x = self.ln(x)
-        logits = (x @ embedding).astype(jnp.float32)  # tied output projection [batch, q_len, vocab]
+        logits = self.project(x, embedding)  # tied output projection [batch, q_len, vocab]
         return logits, cache.replace(self_k=tuple(new_k), self_v=tuple(new_v))
+
+
+    def project(self, x: Array, embedding: Array) -> Array:
+        """Logits ``[batch, q, vocab]`` of ``x`` ``[batch, q, state]`` (float32)."""
+        if self.matmul_dtype is None:
+            return (x @ embedding).astype(jnp.float32)
+        batch, q, state = x.shape
+        rows = x.reshape(batch * q, state)
+        if rows.shape[0] == 1:  # a matrix-vector product: padded, the slow bfloat16 path is avoided
+            rows = jnp.pad(rows, ((0, 1), (0, 0)))
+        logits = mixed_matmul(rows, embedding, (((1,), (0,)), ((), ())), self.matmul_dtype)
+        return logits[: batch * q].reshape(batch, q, -1)
 
 
 class Whisper(nn.Module):
@@ -349,10 +402,11 @@ class Whisper(nn.Module):
 
     dims: ModelDimensions
     dtype: Any = jnp.float32
+    matmul_dtype: Any = None  # see mixed_matmul; the weights is_mixed_weight names stored in it
 
     def setup(self):
-        self.encoder = AudioEncoder(self.dims, self.dtype)
-        self.decoder = TextDecoder(self.dims, self.dtype)
+        self.encoder = AudioEncoder(self.dims, self.dtype, self.matmul_dtype)
+        self.decoder = TextDecoder(self.dims, self.dtype, self.matmul_dtype)
 
     def encode(self, mel: Array, all_hidden: bool = False):
         return self.encoder(mel, all_hidden)

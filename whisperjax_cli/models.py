@@ -213,16 +213,41 @@ class WhisperModel:
     n_mels: int
     alignment_heads: Optional[np.ndarray]
     config: dict
+    matmul_dtype: Any = None  # see whisperjax_cli.model.mixed_matmul
 
     @property
     def module(self):
         from whisperjax_cli.model import Whisper
 
-        return Whisper(self.dims, self.dtype)
+        return Whisper(self.dims, self.dtype, self.matmul_dtype)
 
     @property
     def is_multilingual(self) -> bool:
         return self.dims.is_multilingual
+
+
+MIXED = "mixed"  # float32 compute, bfloat16 weights and products where they pay (model.mixed_matmul)
+
+
+def cpu_has_bfloat16_dot() -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX-BF16), where
+    XLA runs a bfloat16 GEMM about twice as fast as a float32 one (without them it is slower)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def throughput_dtype(device: Optional[str] = None) -> Optional[str]:
+    """The dtype batched transcription picks when none is given: :data:`MIXED` on a CPU with
+    bfloat16 dot instructions, None (``load_model``'s default) elsewhere. Told without JAX."""
+    on_cpu = _guess_dtype(None, device) == np.float32
+    return MIXED if on_cpu and cpu_has_bfloat16_dot() else None
 
 
 def default_dtype():
@@ -233,10 +258,13 @@ def default_dtype():
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
-def _laid_out(path: Path, dtype: np.dtype, spare: int = 0) -> tuple[ModelFiles, dict]:
+def _laid_out(path: Path, dtype, spare: int = 0) -> tuple[ModelFiles, dict]:
     """The model's files, and its parameter tree as numpy arrays already cast to ``dtype`` and
     laid out for the device (no JAX needed: this can run before JAX is imported). ``spare``:
-    cores left to other work (the import running beside it)."""
+    cores left to other work (the import running beside it). ``dtype`` :data:`MIXED` stores
+    the weights :func:`~whisperjax_cli.weights.is_mixed_weight` names in bfloat16, the rest float32."""
+    import ml_dtypes
+
     from whisperjax_cli import weights
 
     files = read_model_dir(path, float32=False)
@@ -247,7 +275,13 @@ def _laid_out(path: Path, dtype: np.dtype, spare: int = 0) -> tuple[ModelFiles, 
     names = sorted(flat, key=lambda k: -flat[k].size)  # biggest first
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     with ThreadPoolExecutor(max(1, min(4, workers - spare))) as pool:
-        done = dict(zip(names, pool.map(lambda k: weights.device_layout(flat[k], dtype), names)))
+        def cast(k):
+            if str(dtype) != MIXED:
+                return weights.device_layout(flat[k], dtype)
+            mixed = weights.is_mixed_weight(tuple(k.split("/")))
+            return weights.device_layout(flat[k], np.dtype(ml_dtypes.bfloat16) if mixed else np.float32)
+
+        done = dict(zip(names, pool.map(cast, names)))
     return files, weights.unflatten({k: done[k] for k in flat})
 
 
@@ -255,9 +289,10 @@ def _laid_out(path: Path, dtype: np.dtype, spare: int = 0) -> tuple[ModelFiles, 
 _preloading: dict = {}
 
 
-def _guess_dtype(dtype, device: Optional[str]) -> Optional[np.dtype]:
-    """The numpy dtype :func:`load_model` will cast to, worked out without importing JAX; None
-    when that cannot be told yet (an accelerator plugin is installed and no device named)."""
+def _guess_dtype(dtype, device: Optional[str]):
+    """The numpy dtype :func:`load_model` will cast to (or :data:`MIXED`), worked out without
+    importing JAX; None when that cannot be told yet (an accelerator plugin is installed and no
+    device named)."""
     if dtype is None:
         platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
         if device is None and platforms in ("", "cpu"):
@@ -268,6 +303,8 @@ def _guess_dtype(dtype, device: Optional[str]) -> Optional[np.dtype]:
             return None
         dtype = "float32" if device == "cpu" else "bfloat16"
     name = str(getattr(dtype, "__name__", dtype))
+    if name == MIXED:
+        return MIXED
     if name == "bfloat16":
         import ml_dtypes
 
@@ -319,10 +356,14 @@ def preload_model(name_or_path: str, dtype: Any = None, device: Optional[str] = 
     return True
 
 
+def _dtype_key(dtype):
+    return MIXED if str(dtype) == MIXED else np.dtype(dtype)
+
+
 def _take_preloaded(path: Path, dtype: np.dtype):
     """What :func:`preload_model` made for ``path`` and ``dtype`` (waiting for it), or None."""
     key, future = _preloading.pop("key", None), _preloading.pop("future", None)
-    if future is None or key != (str(path), np.dtype(dtype)):
+    if future is None or key != (str(path), _dtype_key(dtype)):
         return None
     try:
         return future.result()
@@ -337,6 +378,10 @@ def load_model(name_or_path: str = "tiny.en", dtype: Any = None, on_params=None)
       name_or_path: a model directory, ``tiny.en``/``base`` (bundled), or a Hub id.
       dtype: compute dtype (``"float32"``, ``"bfloat16"``, ``"float16"`` or a jnp dtype);
         defaults to float32 on CPU and bfloat16 on accelerators. Weights are cast once here.
+        ``"mixed"``: float32 activations, with the encoder's products and the output
+        projection in bfloat16 (weights stored so, float32 accumulation): ~1.7x faster
+        encoding on a CPU with bfloat16 dot instructions (:func:`cpu_has_bfloat16_dot`),
+        ~1 % relative error in the encoder's output. Batched CLI runs choose it there.
       on_params: called as ``on_params(params, dims)`` as soon as the parameter tree is on the
         device, before the tokenizer loads (the CLI starts the first encoder pass from there).
     Raises:
@@ -348,19 +393,21 @@ def load_model(name_or_path: str = "tiny.en", dtype: Any = None, on_params=None)
     from whisperjax_cli import runtime
     from whisperjax_cli.tokenizer import load_tokenizer
 
-    dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(default_dtype())
+    mixed = str(dtype) == MIXED
+    storage = MIXED if mixed else (jnp.dtype(dtype) if dtype is not None else jnp.dtype(default_dtype()))
+    dtype = jnp.dtype(jnp.float32) if mixed else storage
     path = resolve_model(name_or_path)
-    group = f"{path.resolve()}|{dtype}|{runtime.default_device()}"
-    if _preloading.get("key") == (str(path), np.dtype(dtype)):
+    group = f"{path.resolve()}|{storage}|{runtime.default_device()}"
+    if _preloading.get("key") == (str(path), _dtype_key(storage)):
         # The compiled programs this model ran first last time load on a background thread
         # from now on, while the last weights are laid out and the tokenizer and the decoding
         # modules load.
         runtime.prefetch_programs(group)
-    preloaded = _take_preloaded(path, dtype)
+    preloaded = _take_preloaded(path, storage)
     if preloaded is not None:
         files, host_params = preloaded
     else:
-        files, host_params = _laid_out(path, dtype)
+        files, host_params = _laid_out(path, storage)
         # Started after the weights here: both cores were busy laying them out (and once
         # started above, this does nothing: the programs are already under way).
         runtime.prefetch_programs(group)
@@ -381,4 +428,5 @@ def load_model(name_or_path: str = "tiny.en", dtype: Any = None, on_params=None)
         n_mels=files.dims.n_mels,
         alignment_heads=None if heads is None else np.asarray(heads, np.int32),
         config=files.config,
+        matmul_dtype=jnp.bfloat16 if mixed else None,
     )

@@ -145,6 +145,13 @@ def device_layout(x: np.ndarray, dtype) -> np.ndarray:
     return out
 
 
+def is_mixed_weight(path: tuple[str, ...]) -> bool:
+    """Whether the parameter at ``path`` is stored in the matmul dtype of a model that has one:
+    the kernels of the encoder's blocks and the token embedding (the output projection)."""
+    encoder_block = len(path) > 2 and path[0] == "encoder" and path[1].startswith("blocks_")
+    return (encoder_block and path[-1] == "kernel") or tuple(path) == ("decoder", "token_embedding")
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in tree.items():
