@@ -252,3 +252,32 @@ def test_read_ahead_audio_and_its_errors(tmp_path):
     with pytest.raises(AudioError) as plain:
         load_audio(str(bad))
     assert str(ahead.value) == str(plain.value)
+
+
+_CLEAR_SCRIPT = """
+import sys, jax, jax.numpy as jnp
+from whisperjax_cli import runtime
+runtime.enable_compile_cache(__import__('pathlib').Path(sys.argv[1]))
+maps = lambda: sum(1 for _ in open('/proc/self/maps'))
+fns = [runtime.cached_jit()(lambda x, k=k: jnp.sin(x) * k + jnp.cumsum(x)) for k in range(20)]
+before = maps()
+for f in fns:
+    f(jnp.ones(1000)).block_until_ready()
+held = maps()
+runtime.clear_programs()
+import gc; gc.collect()
+print(before, held, maps(), sum(len(f._compiled) for f in fns))
+"""
+
+
+def test_clear_programs_unmaps_compiled_code(tmp_path):
+    """A process compiling for many models and modes in turn (bench/longform.py) ran out of
+    memory mappings (vm.max_map_count) with every program held; clear_programs lets them go."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _CLEAR_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                         check=True).stdout.split()
+    before, held, after, kept = map(int, out[-4:])
+    assert held - before >= 20  # code mapped for each program
+    assert after - before < (held - before) / 2 and kept == 0

@@ -190,6 +190,7 @@ class CachedJit:
         self._compiled: dict = {}
         self._names: dict = {}  # key -> file name of the kept program
         self._name = f"{fn.__module__}.{fn.__qualname__}"
+        _instances.append(self)
 
     def __getattr__(self, name):  # lower, trace, eval_shape, clear_cache ... of the jitted function
         return getattr(self._jit, name)
@@ -259,6 +260,24 @@ class CachedJit:
             except Exception:  # noqa: BLE001 - not serializable here, or a read-only cache: keep it in memory
                 pass
         return compiled
+
+
+_instances: list = []  # every CachedJit (module-level functions: a handful)
+
+
+def clear_programs() -> None:
+    """Drops every compiled program this process holds (ours and JAX's in-memory caches).
+
+    XLA:CPU maps each program's code into memory; a process that compiles for many models,
+    dtypes and modes in turn (a benchmark) otherwise keeps them all, and past ~65k mappings
+    (Linux's ``vm.max_map_count``) the next compile fails ("LLVM compilation error: Cannot
+    allocate memory"). The on-disk caches are kept, so the next call loads rather than compiles.
+    """
+    import jax
+
+    for fn in _instances:
+        fn._compiled.clear()
+    jax.clear_caches()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
