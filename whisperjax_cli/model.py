@@ -148,24 +148,22 @@ def _query_blocks(q_len: int, target: int = 300) -> int:
     return 1
 
 
+def _product(equation: str, a: Array, b: Array, matmul_dtype=None) -> Array:
+    """``einsum``; with ``matmul_dtype``, its operands in it and float32 accumulation (mixed_matmul)."""
+    if matmul_dtype is None:
+        return jnp.einsum(equation, a, b)
+    return jnp.einsum(equation, a.astype(matmul_dtype), b.astype(matmul_dtype), preferred_element_type=jnp.float32)
+
+
 def _attend(q: Array, k: Array, v: Array, mask: Optional[Array], matmul_dtype=None) -> Array:
     """Softmax attention over ``[..., len, head_dim]`` operands; ``mask`` (True = attend)
     broadcasts against the scores ``[..., q_len, kv_len]``. With ``matmul_dtype`` both products
     take their operands in it (float32 accumulation), the softmax stays in float32."""
-    if matmul_dtype is None:
-        scores = jnp.einsum("...td,...sd->...ts", q, k).astype(jnp.float32)
-    else:
-        scores = jnp.einsum("...td,...sd->...ts", q.astype(matmul_dtype), k.astype(matmul_dtype),
-                            preferred_element_type=jnp.float32)
-    scores = scores * q.shape[-1] ** -0.5
+    scores = _product("...td,...sd->...ts", q, k, matmul_dtype).astype(jnp.float32) * q.shape[-1] ** -0.5
     if mask is not None:
         scores = jnp.where(mask, scores, _NEG_INF)
-    weights = jax.nn.softmax(scores, axis=-1)
-    if matmul_dtype is None:
-        return jnp.einsum("...ts,...sd->...td", weights.astype(v.dtype), v)
-    out = jnp.einsum("...ts,...sd->...td", weights.astype(matmul_dtype), v.astype(matmul_dtype),
-                     preferred_element_type=jnp.float32)
-    return out.astype(v.dtype)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return _product("...ts,...sd->...td", weights, v, matmul_dtype).astype(v.dtype)
 
 
 def attention(q: Array, k: Array, v: Array, mask: Optional[Array], matmul_dtype=None) -> Array:
