@@ -135,6 +135,25 @@ def test_mixed_matmuls_stay_close_to_float32_and_a_lone_row_equals_its_batch(tin
     np.testing.assert_allclose(lone[0], run(mixed, mel, tokens[:, :1])[0], rtol=1e-6, atol=1e-5)
 
 
+def test_a_mixed_dense_multiplies_few_rows_in_float32_and_many_in_bfloat16():
+    """The decoder's layers (float32 kernels) under mixed precision: a decode step's few rows
+    multiply in float32 (bfloat16 was no faster there), a prompt's or the audio's many rows in
+    bfloat16 with float32 accumulation."""
+    from whisperjax_cli.model import MIXED_MIN_ROWS, dense, mixed_matmul
+
+    layer = dense(48, jnp.float32, jnp.bfloat16, min_rows=MIXED_MIN_ROWS)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, MIXED_MIN_ROWS, 32))
+    params = layer.init(jax.random.PRNGKey(1), x)
+    kernel, bias = params["params"]["kernel"], params["params"]["bias"]
+    assert kernel.dtype == jnp.float32
+    few = x[:, : MIXED_MIN_ROWS // 2 - 1]  # fewer rows than the threshold in all
+    np.testing.assert_allclose(layer.apply(params, few), few @ kernel + bias, rtol=1e-6, atol=1e-6)
+    many = layer.apply(params, x)
+    dims = (((2,), (0,)), ((), ()))
+    np.testing.assert_allclose(many, mixed_matmul(x, kernel, dims, jnp.bfloat16) + bias, rtol=1e-6, atol=1e-6)
+    assert np.abs(np.asarray(many) - np.asarray(x @ kernel + bias)).max() > 1e-4  # bfloat16 operands indeed
+
+
 def test_rows_sharing_an_audio_equal_repeating_it():
     """A prompt run once per audio, its cache rows repeated (repeat_rows) and the rows then
     grouped on one audio's cross keys/values, gives the logits of repeating audio and prompt."""

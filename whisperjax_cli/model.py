@@ -37,12 +37,35 @@ def _keep_kernel(inputs, kernel, bias, dtype=None):
     return inputs.astype(dtype), kernel, None if bias is None else bias.astype(dtype)
 
 
-def dense(features: int, dtype, matmul_dtype=None, use_bias: bool = True) -> nn.Dense:
-    """``nn.Dense``; with ``matmul_dtype``, its kernel (cast so at load) multiplies in that dtype."""
+MIXED_MIN_ROWS = 64  # a decoder product of fewer rows (a decode step) stays float32, see dense
+MIXED_MIN_QUERIES = 8  # and so do its attention products with fewer queries per head
+
+
+def _rows(x: Array) -> int:
+    """Rows of a product with ``x`` as its left operand (every axis but the contracted last)."""
+    n = 1
+    for d in x.shape[:-1]:
+        n *= d
+    return n
+
+
+def dense(features: int, dtype, matmul_dtype=None, use_bias: bool = True, min_rows: int = 0) -> nn.Dense:
+    """``nn.Dense``; with ``matmul_dtype``, it multiplies in that dtype (float32 accumulation).
+
+    The kernel keeps the dtype it was stored in: the encoder's are stored in ``matmul_dtype``
+    at load. The decoder's stay float32, for decode steps, and with ``min_rows`` a product of
+    fewer rows runs in float32: a step of 8 rows ran no faster in bfloat16 and a single row
+    ~10x slower, while the prompt (8 x 232 rows) and the audio keys/values (8 x 1500) run
+    about twice as fast in bfloat16, the kernel cast inside the program.
+    """
     if matmul_dtype is None:
         return nn.Dense(features, use_bias=use_bias, dtype=dtype)
-    dot = lambda lhs, rhs, dims, precision=None, preferred_element_type=None: (  # noqa: E731
-        mixed_matmul(lhs, rhs, dims, matmul_dtype).astype(dtype))
+
+    def dot(lhs, rhs, dims, precision=None, preferred_element_type=None):
+        if _rows(lhs) < min_rows:
+            return jax.lax.dot_general(lhs, rhs.astype(dtype), dims)
+        return mixed_matmul(lhs, rhs, dims, matmul_dtype).astype(dtype)
+
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, promote_dtype=_keep_kernel, dot_general=dot)
 
 
@@ -192,13 +215,17 @@ class MultiHeadAttention(nn.Module):
     n_state: int
     n_head: int
     dtype: Any = jnp.float32
-    matmul_dtype: Any = None  # the encoder's, with weights stored in it (see mixed_matmul)
+    matmul_dtype: Any = None  # see mixed_matmul and dense
+    min_rows: int = 0  # products of fewer rows stay float32 (the decoder's: MIXED_MIN_ROWS)
 
     def setup(self):
-        self.query = dense(self.n_state, self.dtype, self.matmul_dtype)
-        self.key = dense(self.n_state, self.dtype, self.matmul_dtype, use_bias=False)
-        self.value = dense(self.n_state, self.dtype, self.matmul_dtype)
-        self.out = dense(self.n_state, self.dtype, self.matmul_dtype)
+        proj = lambda bias=True: dense(self.n_state, self.dtype, self.matmul_dtype, bias, self.min_rows)  # noqa: E731
+        self.query, self.key, self.value, self.out = proj(), proj(False), proj(), proj()
+
+    def _product_dtype(self, q: Array):
+        """The attention products' matmul dtype for queries ``q`` ``[..., q_len, head_dim]``: with
+        ``min_rows``, a decode step's one query per head (or a beam group's few) stays float32."""
+        return None if self.min_rows and q.shape[-2] < MIXED_MIN_QUERIES else self.matmul_dtype
 
     def project_kv(self, x: Array) -> tuple[Array, Array]:
         """Keys and values of ``x`` ``[batch, len, state]``, head-major (what the cache stores)."""
@@ -222,7 +249,8 @@ class MultiHeadAttention(nn.Module):
         k_buf = jax.lax.dynamic_update_slice(k_buf, heads_view(k).astype(k_buf.dtype), (0, index, 0))
         v_buf = jax.lax.dynamic_update_slice(v_buf, heads_view(v).astype(v_buf.dtype), (0, index, 0))
         # [batch * heads, q_len, head_dim]; the mask is per row, so repeated for its heads
-        out = _attend(heads_view(self._query(x)), k_buf, v_buf, jnp.repeat(mask, h, axis=0))
+        q = heads_view(self._query(x))
+        out = _attend(q, k_buf, v_buf, jnp.repeat(mask, h, axis=0), self._product_dtype(q))
         return self.out(merge_heads(rows_view(out, h))), k_buf, v_buf
 
     def cross(self, x: Array, k: Array, v: Array) -> Array:
@@ -237,9 +265,9 @@ class MultiHeadAttention(nn.Module):
         rows, h, t, dh = q.shape
         group = rows // k.shape[0]
         if group == 1:
-            return self.out(attention(q, k, v, None))
+            return self.out(attention(q, k, v, None, self._product_dtype(q)))
         q = q.reshape(k.shape[0], group, h, t, dh).transpose(0, 2, 1, 3, 4).reshape(k.shape[0], h, group * t, dh)
-        out = attention(q, k, v, None)  # [audio, group * q_len, state]
+        out = attention(q, k, v, None, self._product_dtype(q))  # [audio, group * q_len, state]
         return self.out(out.reshape(k.shape[0], group * t, -1).reshape(rows, t, -1))
 
 
@@ -249,16 +277,18 @@ class ResidualAttentionBlock(nn.Module):
     cross_attention: bool = False
     dtype: Any = jnp.float32
     matmul_dtype: Any = None
+    min_rows: int = 0  # see MultiHeadAttention
 
     def setup(self):
         ln = lambda: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype)  # noqa: E731
-        self.attn = MultiHeadAttention(self.n_state, self.n_head, self.dtype, self.matmul_dtype)
+        self.attn = MultiHeadAttention(self.n_state, self.n_head, self.dtype, self.matmul_dtype, self.min_rows)
         self.attn_ln = ln()
         if self.cross_attention:
-            self.cross_attn = MultiHeadAttention(self.n_state, self.n_head, self.dtype)
+            self.cross_attn = MultiHeadAttention(self.n_state, self.n_head, self.dtype, self.matmul_dtype,
+                                                 self.min_rows)
             self.cross_attn_ln = ln()
-        self.mlp1 = dense(4 * self.n_state, self.dtype, self.matmul_dtype)
-        self.mlp2 = dense(self.n_state, self.dtype, self.matmul_dtype)
+        self.mlp1 = dense(4 * self.n_state, self.dtype, self.matmul_dtype, min_rows=self.min_rows)
+        self.mlp2 = dense(self.n_state, self.dtype, self.matmul_dtype, min_rows=self.min_rows)
         self.mlp_ln = ln()
 
     def _mlp(self, x: Array) -> Array:
@@ -317,7 +347,9 @@ class AudioEncoder(nn.Module):
 class TextDecoder(nn.Module):
     dims: ModelDimensions
     dtype: Any = jnp.float32
-    matmul_dtype: Any = None  # the output projection's, token_embedding stored in it
+    # the output projection's (token_embedding stored in it), and the blocks' for products of
+    # at least MIXED_MIN_ROWS rows (the prompt, the audio keys/values; kernels stay float32)
+    matmul_dtype: Any = None
 
     def setup(self):
         d = self.dims
@@ -330,7 +362,8 @@ class TextDecoder(nn.Module):
             "positional_embedding", nn.initializers.normal(0.01), (d.n_text_ctx, d.n_text_state)
         )
         self.blocks = [
-            ResidualAttentionBlock(d.n_text_state, d.n_text_head, cross_attention=True, dtype=self.dtype)
+            ResidualAttentionBlock(d.n_text_state, d.n_text_head, cross_attention=True, dtype=self.dtype,
+                                   matmul_dtype=self.matmul_dtype, min_rows=MIXED_MIN_ROWS)
             for _ in range(d.n_text_layer)
         ]
         self.ln = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype)

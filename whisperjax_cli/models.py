@@ -378,8 +378,9 @@ def load_model(name_or_path: str = "tiny.en", dtype: Any = None, on_params=None)
       name_or_path: a model directory, ``tiny.en``/``base`` (bundled), or a Hub id.
       dtype: compute dtype (``"float32"``, ``"bfloat16"``, ``"float16"`` or a jnp dtype);
         defaults to float32 on CPU and bfloat16 on accelerators. Weights are cast once here.
-        ``"mixed"``: float32 activations, with the encoder's products and the output
-        projection in bfloat16 (weights stored so, float32 accumulation): ~1.7x faster
+        ``"mixed"``: float32 activations, with the encoder's products, the output
+        projection and the decoder's products over many rows (prompt, audio keys/values) in
+        bfloat16 (the first two's weights stored so, float32 accumulation): ~1.7x faster
         encoding on a CPU with bfloat16 dot instructions (:func:`cpu_has_bfloat16_dot`),
         ~1 % relative error in the encoder's output. Batched CLI runs choose it there.
       on_params: called as ``on_params(params, dims)`` as soon as the parameter tree is on the
