@@ -17,7 +17,11 @@ each (``jax.random.PRNGKey(seed)`` here, so our rows repeat exactly from run to 
 faster-whisper's passes call ``ctranslate2.set_random_seed(seed)``, but that does not make
 CTranslate2's sampling repeatable (OpenNMT/CTranslate2#1757): its rows move between runs of this
 same command (mean WER of its greedy row 22.8-35.6 % over five runs), so compare means over many
-passes rather than one run's. Before timing, wjx runs one untimed pass over the whole audio, so
+passes rather than one run's. The machine's own speed also drifts (20-25 % between hours here),
+so each wjx row runs alternately with the faster-whisper row it is compared with (greedy rows and
+batched with fw-greedy, beam with fw-beam5): per seed one faster-whisper pass, then one wjx pass,
+and the ratio printed next to the row is over those passes alone; the fw rows at the end pool
+every pass they made. Before timing, wjx runs one untimed pass over the whole audio, so
 the prompt and batch buckets it compiles are not counted (every decode program it may meet is
 compiled first, or loaded from the on-disk cache); faster-whisper warms up on the first minute.
 
@@ -109,35 +113,36 @@ def compile_programs(model, **kwargs) -> None:
                 decoder._decode_rows(audio, list(range(n)), [prompt] * n, tail, temperature, LazyKey(jax.random.PRNGKey(0)))
 
 
-def run_ours(model, audio, seeds, **kwargs) -> list[tuple[str, float]]:
+def prepare_ours(model, audio, **kwargs) -> None:
     """Every decode program compiled (:func:`compile_programs`) and one untimed pass over the
-    whole audio, then one timed pass per seed (the PRNG key of the fallback samples)."""
+    whole audio."""
     import jax
 
     from whisperjax_cli.transcribe import transcribe
 
     compile_programs(model, **kwargs)
     transcribe(model, audio, key=jax.random.PRNGKey(10_000), **kwargs)
-    runs = []
-    for seed in seeds:
-        t0 = time.perf_counter()
-        text = transcribe(model, audio, key=jax.random.PRNGKey(seed), **kwargs).text
-        runs.append((text, time.perf_counter() - t0))
-    return runs
 
 
-def run_faster_whisper(fw, audio, seeds, **kwargs) -> list[tuple[str, float]]:
-    """A warm-up on the first minute, then one timed pass per seed (CTranslate2's sampling seed)."""
+def pass_ours(model, audio, seed, **kwargs) -> tuple[str, float]:
+    """One timed pass; ``seed`` is the PRNG key of the fallback samples."""
+    import jax
+
+    from whisperjax_cli.transcribe import transcribe
+
+    t0 = time.perf_counter()
+    text = transcribe(model, audio, key=jax.random.PRNGKey(seed), **kwargs).text
+    return text, time.perf_counter() - t0
+
+
+def pass_faster_whisper(fw, audio, seed, **kwargs) -> tuple[str, float]:
+    """One timed pass (CTranslate2's sampling seed set, though its sampling does not repeat)."""
     import ctranslate2
 
-    list(fw.transcribe(audio[: 60 * SR], **kwargs)[0])
-    runs = []
-    for seed in seeds:
-        ctranslate2.set_random_seed(seed)
-        t0 = time.perf_counter()
-        text = "".join(s.text for s in fw.transcribe(audio, **kwargs)[0])
-        runs.append((text, time.perf_counter() - t0))
-    return runs
+    ctranslate2.set_random_seed(seed)
+    t0 = time.perf_counter()
+    text = "".join(s.text for s in fw.transcribe(audio, **kwargs)[0])
+    return text, time.perf_counter() - t0
 
 
 def memory_run(model: str, hours: float, mode: str) -> dict:
@@ -205,38 +210,59 @@ def main() -> int:
     print(f"audio: {duration / 60:.1f} min, model {args.model}, {args.threads} threads, float32 "
           f"(wjx-batched: {batched_dtype})")
     seeds = list(range(args.seeds))
+    fw_settings = {"fw-greedy": dict(beam_size=1), "fw-beam5": dict(beam_size=5)}
+    # Each wjx row and the faster-whisper row it is compared with run alternately, one pass
+    # each per seed: the machine's speed drifts by 20-25 % over the minutes a row takes, and
+    # alternating puts both sides of each ratio on the same minutes.
     rows = {
-        "fw-greedy": lambda: run_faster_whisper(fw, audio, seeds, beam_size=1),
-        "fw-beam5": lambda: run_faster_whisper(fw, audio, seeds, beam_size=5),
-        "wjx-greedy": lambda: run_ours(model, audio, seeds),
-        "wjx-beam5": lambda: run_ours(model, audio, seeds, beam_size=5),
-        "wjx-batched": lambda: run_ours(batched_model, audio, seeds, mode="batched", batch_size=args.batch_size),
-        "wjx-batched-f32": lambda: run_ours(model, audio, seeds, mode="batched", batch_size=args.batch_size),
+        "wjx-greedy": ("fw-greedy", model, {}),
+        "wjx-beam5": ("fw-beam5", model, dict(beam_size=5)),
+        "wjx-batched": ("fw-greedy", batched_model, dict(mode="batched", batch_size=args.batch_size)),
+        "wjx-batched-f32": ("fw-greedy", model, dict(mode="batched", batch_size=args.batch_size)),
     }
-    results = {}
-    if args.memory_only:
-        rows = {}
-    print(f"{len(seeds)} timed passes per row (seeds {seeds}); WER and seconds: mean [min, max]")
-    print(f"{'configuration':14} {'WER %':>21} {'seconds':>20} {'RTFx':>6}")
-    for name, fn in rows.items():
-        if name in args.skip:
-            continue
-        runs = fn()
-        if name.startswith("wjx"):
-            # Each row compiles every bucket it may meet; all rows' programs at once exhaust
-            # vm.max_map_count (XLA:CPU maps each program's code), so each row's are dropped.
-            clear_programs()
+    rows = {} if args.memory_only else {k: v for k, v in rows.items() if k not in args.skip}
+    for settings in fw_settings.values() if rows else ():
+        list(fw.transcribe(audio[: 60 * SR], **settings)[0])  # warm-up on the first minute
+    print(f"{len(seeds)} timed passes per row (seeds {seeds}), each wjx pass right after a pass of its "
+          f"faster-whisper row; WER and seconds: mean [min, max]")
+    print(f"{'configuration':16} {'WER %':>21} {'seconds':>20} {'RTFx':>6}  {'fw alongside':>21}")
+    results, fw_runs = {}, {k: [] for k in fw_settings}
+
+    def summary(runs):
         wers = [wer(reference, text) for text, _ in runs]
         secs = [seconds for _, seconds in runs]
-        r = results[name] = dict(wer=float(np.mean(wers)), wers=wers, seconds=float(np.mean(secs)), all_seconds=secs,
-                                 rtfx=duration / float(np.mean(secs)))
-        print(f"{name:14} {r['wer']:6.2f} [{min(wers):6.2f}, {max(wers):6.2f}] "
-              f"{r['seconds']:6.1f} [{min(secs):5.1f}, {max(secs):5.1f}] {r['rtfx']:6.1f}", flush=True)
-        (OUT / f"{name}.txt").write_text(runs[0][0])
+        return dict(wer=float(np.mean(wers)), wers=wers, seconds=float(np.mean(secs)), all_seconds=secs,
+                    rtfx=duration / float(np.mean(secs)))
+
+    for name, (fw_name, wjx_model, kwargs) in rows.items():
+        prepare_ours(wjx_model, audio, **kwargs)
+        ours, theirs = [], []
+        for seed in seeds:
+            theirs.append(pass_faster_whisper(fw, audio, seed, **fw_settings[fw_name]))
+            ours.append(pass_ours(wjx_model, audio, seed, **kwargs))
+        # Each row compiles every bucket it may meet; all rows' programs at once exhaust
+        # vm.max_map_count (XLA:CPU maps each program's code), so each row's are dropped.
+        clear_programs()
+        fw_runs[fw_name] += theirs
+        r = results[name] = summary(ours)
+        f = r["alongside"] = dict(row=fw_name, **summary(theirs))
+        r["speed_vs_alongside"] = f["seconds"] / r["seconds"]
+        print(f"{name:16} {r['wer']:6.2f} [{min(r['wers']):6.2f}, {max(r['wers']):6.2f}] "
+              f"{r['seconds']:6.1f} [{min(r['all_seconds']):5.1f}, {max(r['all_seconds']):5.1f}] {r['rtfx']:6.1f}  "
+              f"{fw_name}: {f['wer']:6.2f} % {f['seconds']:6.1f} s -> {r['speed_vs_alongside']:.2f}x", flush=True)
+        (OUT / f"{name}.txt").write_text(ours[0][0])
+    for fw_name, runs in fw_runs.items():
+        if runs:
+            r = results[fw_name] = summary(runs)
+            print(f"{fw_name:16} {r['wer']:6.2f} [{min(r['wers']):6.2f}, {max(r['wers']):6.2f}] "
+                  f"{r['seconds']:6.1f} [{min(r['all_seconds']):5.1f}, {max(r['all_seconds']):5.1f}] {r['rtfx']:6.1f}  "
+                  f"(all {len(runs)} passes)", flush=True)
+            (OUT / f"{fw_name}.txt").write_text(runs[0][0])
     if "fw-greedy" in results:
         base = results["fw-greedy"]
         for name, r in results.items():
-            print(f"{name:14} speed vs fw-greedy: {r['rtfx'] / base['rtfx']:.2f}x, WER delta {r['wer'] - base['wer']:+.2f}")
+            print(f"{name:16} vs fw-greedy (all its passes): speed {r['rtfx'] / base['rtfx']:.2f}x, "
+                  f"WER delta {r['wer'] - base['wer']:+.2f}")
     (OUT / "longform.json").write_text(json.dumps(results, indent=1))
     runs = []
     for hours in args.memory_hours:
