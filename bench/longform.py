@@ -234,6 +234,10 @@ def main() -> int:
         return dict(wer=float(np.mean(wers)), wers=wers, seconds=float(np.mean(secs)), all_seconds=secs,
                     rtfx=duration / float(np.mean(secs)))
 
+    def line(name, r, note):
+        return (f"{name:16} {r['wer']:6.2f} [{min(r['wers']):6.2f}, {max(r['wers']):6.2f}] "
+                f"{r['seconds']:6.1f} [{min(r['all_seconds']):5.1f}, {max(r['all_seconds']):5.1f}] {r['rtfx']:6.1f}  {note}")
+
     for name, (fw_name, wjx_model, kwargs) in rows.items():
         prepare_ours(wjx_model, audio, **kwargs)
         ours, theirs = [], []
@@ -247,16 +251,13 @@ def main() -> int:
         r = results[name] = summary(ours)
         f = r["alongside"] = dict(row=fw_name, **summary(theirs))
         r["speed_vs_alongside"] = f["seconds"] / r["seconds"]
-        print(f"{name:16} {r['wer']:6.2f} [{min(r['wers']):6.2f}, {max(r['wers']):6.2f}] "
-              f"{r['seconds']:6.1f} [{min(r['all_seconds']):5.1f}, {max(r['all_seconds']):5.1f}] {r['rtfx']:6.1f}  "
-              f"{fw_name}: {f['wer']:6.2f} % {f['seconds']:6.1f} s -> {r['speed_vs_alongside']:.2f}x", flush=True)
+        print(line(name, r, f"{fw_name}: {f['wer']:6.2f} % {f['seconds']:6.1f} s -> {r['speed_vs_alongside']:.2f}x"),
+              flush=True)
         (OUT / f"{name}.txt").write_text(ours[0][0])
     for fw_name, runs in fw_runs.items():
         if runs:
             r = results[fw_name] = summary(runs)
-            print(f"{fw_name:16} {r['wer']:6.2f} [{min(r['wers']):6.2f}, {max(r['wers']):6.2f}] "
-                  f"{r['seconds']:6.1f} [{min(r['all_seconds']):5.1f}, {max(r['all_seconds']):5.1f}] {r['rtfx']:6.1f}  "
-                  f"(all {len(runs)} passes)", flush=True)
+            print(line(fw_name, r, f"(all {len(runs)} passes)"), flush=True)
             (OUT / f"{fw_name}.txt").write_text(runs[0][0])
     if "fw-greedy" in results:
         base = results["fw-greedy"]

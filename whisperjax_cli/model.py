@@ -8,6 +8,7 @@ This module is a leaf: it imports nothing from decoding, audio or the CLI.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -41,14 +42,6 @@ MIXED_MIN_ROWS = 64  # a decoder product of fewer rows (a decode step) stays flo
 MIXED_MIN_QUERIES = 8  # and so do its attention products with fewer queries per head
 
 
-def _rows(x: Array) -> int:
-    """Rows of a product with ``x`` as its left operand (every axis but the contracted last)."""
-    n = 1
-    for d in x.shape[:-1]:
-        n *= d
-    return n
-
-
 def dense(features: int, dtype, matmul_dtype=None, use_bias: bool = True, min_rows: int = 0) -> nn.Dense:
     """``nn.Dense``; with ``matmul_dtype``, it multiplies in that dtype (float32 accumulation).
 
@@ -62,7 +55,7 @@ def dense(features: int, dtype, matmul_dtype=None, use_bias: bool = True, min_ro
         return nn.Dense(features, use_bias=use_bias, dtype=dtype)
 
     def dot(lhs, rhs, dims, precision=None, preferred_element_type=None):
-        if _rows(lhs) < min_rows:
+        if math.prod(lhs.shape[:-1]) < min_rows:  # rows: every axis but the contracted last
             return jax.lax.dot_general(lhs, rhs.astype(dtype), dims)
         return mixed_matmul(lhs, rhs, dims, matmul_dtype).astype(dtype)
 
