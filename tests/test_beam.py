@@ -182,13 +182,55 @@ def test_matches_openai_beam_search_on_scripted_model(beam_size, patience, lengt
             stub_logprobs(table, [int(h) for h in h0s]), len(h0s), beam_size, patience, length_penalty, SAMPLE_LEN, EOT
         )
         ended.update(ran_out)
-        got_tokens, got_sums = jax.device_get(
+        got_tokens, got_sums, looped = jax.device_get(
             jax_beam_search(jnp.asarray(table), jnp.asarray(h0s), beam_size, patience, length_penalty)
         )
+        assert not looped.any()
         np.testing.assert_array_equal(got_tokens, want_tokens, err_msg=f"seed {seed}")
         np.testing.assert_allclose(got_sums, want_sums, rtol=1e-5, err_msg=f"seed {seed}")
     # Both endings were exercised: enough finished sequences, and running out of sample_len.
     assert ended == {True, False}
+
+
+def test_a_looping_audio_stops_early_and_the_others_are_unchanged():
+    """Audio 0's model says 3, 4, 5 forever; audio 1 is the scripted model. With loop_span the
+    search stops audio 0 once its best beam repeats itself (48 tokens equal to the 48 three
+    before: 64 sampled) and marks it looped; audio 1's result is the one without loop_span."""
+    beam, sample_len = 3, 100
+    table = jnp.asarray(scripted_table(4, -4.0))
+    h0s = jnp.asarray([11, 4242], jnp.int32)
+
+    def loop_logits(prev):  # 3 -> 4 -> 5 -> 3 ...; end-of-text far below every other token
+        want = 3 + (prev - 3 + 1) % 3
+        return jnp.full((prev.shape[0], V), -5.0).at[jnp.arange(prev.shape[0]), want].set(3.0).at[:, EOT].set(-30.0)
+
+    def step(tokens, cache, index):
+        logits, cache = stub_step(table)(tokens, cache, index)
+        audio0 = (jnp.arange(tokens.shape[0]) < beam)[:, None]
+        return jnp.where(audio0, loop_logits(tokens[:, 0]), logits), cache
+
+    @functools.partial(jax.jit, static_argnames="span")
+    def search(span):
+        config = LoopConfig(sample_len=sample_len, eot=EOT, no_speech=None, timestamps=None, loop_span=span)
+        tokens = jnp.concatenate([jnp.full((2, SAMPLE_BEGIN), 1, jnp.int32),
+                                  jnp.full((2, sample_len), EOT, jnp.int32)], axis=1)
+        logits = table[_row(h0s, 0, 0)].at[0].set(loop_logits(jnp.asarray([5]))[0])  # audio 0 starts with 3
+        suppress_mask = jnp.arange(V) == SUPPRESSED
+        begin_mask = (jnp.arange(V) == BLANK) | (jnp.arange(V) == EOT)
+        return beam_search(step, tokens, logits, (h0s, jnp.zeros_like(h0s)), jnp.int32(SAMPLE_BEGIN), suppress_mask,
+                           begin_mask, config, beam, None, None)
+
+    stopped, full = jax.device_get(search(48)), jax.device_get(search(0))
+    loop = [3, 4, 5] * 34
+    np.testing.assert_array_equal(stopped[0][0, :64], loop[:64])
+    assert (stopped[0][0, 64:] == EOT).all() and bool(stopped[2][0])
+    np.testing.assert_array_equal(full[0][0], loop[:sample_len])  # without loop_span: to sample_len
+    assert not full[2].any()
+    np.testing.assert_array_equal(stopped[0][1], full[0][1])  # audio 1 is not affected
+    np.testing.assert_allclose(stopped[1][1], full[1][1], rtol=1e-6)
+    assert not bool(stopped[2][1])
+    want, _, _ = openai_beam_search(stub_logprobs(np.asarray(table), [4242]), 1, beam, None, None, sample_len, EOT)
+    np.testing.assert_array_equal(full[0][1], want[0])
 
 
 def test_max_candidates_rounds_like_python():

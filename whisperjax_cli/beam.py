@@ -23,7 +23,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from whisperjax_cli.decoding import DecodeOutput, LoopConfig, filter_logits, prefill
+from whisperjax_cli.decoding import DecodeOutput, LoopConfig, filter_logits, prefill, repeats_itself
 from whisperjax_cli.model import Whisper, init_cache, take_rows
 
 Array = jax.Array
@@ -39,6 +39,7 @@ class BeamState:
     fin_tokens: Array  # int32 [batch, slots, sample_len]: finished sequences, end-of-text then padding
     fin_scores: Array  # float32 [batch, slots]: their sums of logprobs (end-of-text included)
     fin_count: Array  # int32 [batch]: filled slots, in OpenAI's insertion order
+    looped: Array  # bool [batch]: stopped early, its best beam repeating itself (config.loop_span)
 
 
 def max_candidates(beam_size: int, patience: Optional[float]) -> int:
@@ -117,6 +118,12 @@ def beam_loop(
     """Runs OpenAI's ``BeamSearchDecoder.update`` until every audio has ``n_finished`` finished
     sequences or ``sample_len`` tokens were sampled.
 
+    With ``config.loop_span``, an audio also stops once its best beam repeats itself
+    (:func:`~whisperjax_cli.decoding.repeats_itself`, as greedy decoding's rows): OpenAI's
+    search would run such a window to ``sample_len`` (224 steps of every beam) and most often
+    pick the loop, which fails the compression check. Its beams are then frozen and ``looped``
+    is set; :func:`beam_search` marks the result looped when a running beam wins the ranking.
+
     Args:
       step_fn: ``(tokens [rows, 1], cache, index) -> (logits [rows, vocab], cache)``.
       state: the state after the prompt, rows already repeated ``beam`` times, no finished ones.
@@ -126,8 +133,11 @@ def beam_loop(
     end = sample_begin + config.sample_len
     rows = state.tokens.shape[0]
 
+    def complete(s: BeamState) -> Array:
+        return jnp.all((s.fin_count >= n_finished) | s.looped)
+
     def cond(s: BeamState):
-        return (s.cur < end) & ~jnp.all(s.fin_count >= n_finished)
+        return (s.cur < end) & ~complete(s)
 
     def body(s: BeamState) -> BeamState:
         logits = filter_logits(s.logits, s.tokens, s.cur, sample_begin, suppress_mask, begin_mask, config)
@@ -142,21 +152,28 @@ def beam_loop(
         # among the top ``beam`` finish, so weak early endings cannot fill the finished set
         # before the best beam ends (over long-form audio those cut windows to " and").
         bound = jnp.full_like(pick[:, -1:], beam) if finish_top_only else pick[:, -1:]
-        finished = valid & (token == config.eot) & (jnp.arange(scores.shape[1]) < bound)
+        finished = valid & (token == config.eot) & (jnp.arange(scores.shape[1]) < bound) & ~s.looped[:, None]
         s = _add_finished(s, source, scores, finished, sample_begin, config.sample_len, n_finished)
 
         gather = lambda x: jnp.take_along_axis(x, pick, axis=1).reshape(rows)  # noqa: E731
         src, token, sum_logprobs = gather(source), gather(token), gather(scores)
         tokens = jax.lax.dynamic_update_slice(s.tokens[src], token[:, None], (0, s.cur))
+        looped = s.looped
+        if config.loop_span:
+            frozen = jnp.repeat(s.looped, beam)  # a looped audio's beams keep what they had
+            tokens = jnp.where(frozen[:, None], s.tokens, tokens)
+            sum_logprobs = jnp.where(frozen, s.sum_logprobs, sum_logprobs)
+            best = tokens[::beam]  # beam 0 of each audio: its best live candidate
+            looped = looped | ((s.fin_count < n_finished) & repeats_itself(best, s.cur, sample_begin, config.loop_span))
         cache = take(s.cache, src)
-        done = jnp.all(s.fin_count >= n_finished)
+        s = s.replace(tokens=tokens, cur=s.cur + 1, sum_logprobs=sum_logprobs, looped=looped)
         # No model call once every audio is complete or the buffer is full.
         next_logits, cache = jax.lax.cond(
-            done | (s.cur + 1 >= end),
+            complete(s) | (s.cur >= end),
             lambda: (s.logits, cache),
-            lambda: step_fn(token[:, None], cache, s.cur),
+            lambda: step_fn(token[:, None], cache, s.cur - 1),
         )
-        return s.replace(tokens=tokens, cur=s.cur + 1, logits=next_logits, cache=cache, sum_logprobs=sum_logprobs)
+        return s.replace(logits=next_logits, cache=cache)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -174,14 +191,14 @@ def finalize(s: BeamState, sample_begin: Array, sample_len: int, beam: int) -> B
     return _add_finished(s, rows, ranked, add, sample_begin, sample_len, beam)
 
 
-def rank_finished(s: BeamState, eot: int, length_penalty: Optional[float]) -> tuple[Array, Array]:
+def rank_finished(s: BeamState, eot: int, length_penalty: Optional[float]) -> tuple[Array, Array, Array]:
     """``MaximumLikelihoodRanker``: the best finished sequence per audio by sum_logprob / penalty.
 
     The length is the number of tokens before end-of-text; the penalty is the length itself, or
     ``((5 + length) / 6) ** length_penalty`` (Google NMT). Ties take the earliest slot (np.argmax).
 
     Returns:
-      ``(tokens int32 [batch, sample_len], sum_logprobs float32 [batch])``.
+      ``(tokens int32 [batch, sample_len], sum_logprobs float32 [batch], slot int32 [batch])``.
     """
     is_eot = s.fin_tokens == eot  # [batch, slots, sample_len]
     length = jnp.where(is_eot.any(axis=-1), jnp.argmax(is_eot, axis=-1), is_eot.shape[-1]).astype(jnp.float32)
@@ -189,7 +206,7 @@ def rank_finished(s: BeamState, eot: int, length_penalty: Optional[float]) -> tu
     filled = jnp.arange(s.fin_scores.shape[1])[None, :] < s.fin_count[:, None]
     best = jnp.argmax(jnp.where(filled, s.fin_scores / penalty, -jnp.inf), axis=1)  # [batch]
     tokens = jnp.take_along_axis(s.fin_tokens, best[:, None, None], axis=1)[:, 0]
-    return tokens, jnp.take_along_axis(s.fin_scores, best[:, None], axis=1)[:, 0]
+    return tokens, jnp.take_along_axis(s.fin_scores, best[:, None], axis=1)[:, 0], best
 
 
 def beam_search(
@@ -206,7 +223,7 @@ def beam_search(
     length_penalty: Optional[float] = None,
     finish_top_only: bool = False,
     take: Callable[[Any, Array], Any] = take_leading,
-) -> tuple[Array, Array]:
+) -> tuple[Array, Array, Array]:
     """Beam search for each audio row after its prompt; the best sequence per row.
 
     Args:
@@ -221,7 +238,8 @@ def beam_search(
         reorders beams at every step.
     Returns:
       ``(tokens int32 [batch, sample_len]`` sampled tokens then end-of-text,
-      ``sum_logprobs float32 [batch])``.
+      ``sum_logprobs float32 [batch]``, ``looped bool [batch])``: the search stopped on a loop
+      (see :func:`beam_loop`) and a beam still running then was ranked best.
     """
     batch = tokens.shape[0]
     n_finished = max_candidates(beam_size, patience)
@@ -236,11 +254,14 @@ def beam_search(
         fin_tokens=jnp.full((batch, slots, config.sample_len), config.eot, jnp.int32),
         fin_scores=jnp.zeros((batch, slots), jnp.float32),
         fin_count=jnp.zeros((batch,), jnp.int32),
+        looped=jnp.zeros((batch,), bool),
     )
     state = beam_loop(step_fn, state, state.cur, suppress_mask, begin_mask, config, beam_size, n_finished,
                       finish_top_only, take)
+    finished = state.fin_count
     state = finalize(state, sample_begin, config.sample_len, beam_size)
-    return rank_finished(state, config.eot, length_penalty)
+    tokens, sum_logprobs, slot = rank_finished(state, config.eot, length_penalty)
+    return tokens, sum_logprobs, state.looped & (slot >= finished)
 
 
 @functools.partial(
@@ -293,8 +314,8 @@ def beam_search_window(
         return logits[:, -1], cache
 
     buffer = jnp.concatenate([prompt, jnp.full((batch, config.sample_len), config.eot, jnp.int32)], axis=1)
-    tokens, sum_logprobs = beam_search(
+    tokens, sum_logprobs, looped = beam_search(
         step, buffer, last_logits, cache, jnp.int32(prompt_len),
         suppress_mask, begin_mask, config, beam_size, patience, length_penalty, finish_top_only, take_rows,
     )
-    return DecodeOutput(tokens, sum_logprobs, no_speech_prob)
+    return DecodeOutput(tokens, sum_logprobs, no_speech_prob, looped)
