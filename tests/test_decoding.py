@@ -184,6 +184,35 @@ def test_inverse_cdf_sampling_follows_the_softmax_and_never_draws_masked_ids():
     assert freq[3] == 0
 
 
+def test_two_level_sampling_follows_the_softmax_across_blocks():
+    """700 ids: two full blocks of SAMPLE_BLOCK and a partial one; mass at both edges of each
+    block, a spread-out tail, and masked ids between them."""
+    from whisperjax_cli.decoding import SAMPLE_BLOCK, sample_categorical
+
+    assert SAMPLE_BLOCK == 256
+    probs = np.zeros(700)
+    probs[[0, 255, 256, 511, 512, 699]] = [0.2, 0.1, 0.15, 0.05, 0.1, 0.1]
+    probs[300:500] = 0.3 / 200
+    logits = jnp.log(jnp.asarray(np.tile(probs, (2000, 1)), jnp.float32))
+    keys = jax.random.split(jax.random.PRNGKey(1), 10)
+    draws = np.concatenate([np.asarray(sample_categorical(k, logits)) for k in keys])
+    freq = np.bincount(draws, minlength=700) / len(draws)
+    assert freq[probs == 0].sum() == 0
+    np.testing.assert_allclose(freq[[0, 255, 256, 511, 512, 699]], [0.2, 0.1, 0.15, 0.05, 0.1, 0.1], atol=0.01)
+    np.testing.assert_allclose(freq[300:500].sum(), 0.3, atol=0.01)
+
+
+def test_first_argmax_is_argmax():
+    from whisperjax_cli.decoding import first_argmax
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(-3, 3, (64, 999)).astype(np.float32)  # many ties: the first maximum wins
+    x[5] = -np.inf
+    x[6, 100:] = -np.inf
+    x[7, -1] = 9.0
+    np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
+
+
 def test_batched_encode_runs_in_chunks_and_matches_single_windows(tiny_en, clip_audio):
     """A batch of 4 (two chunks of ENCODE_CHUNK) and an odd batch of 3 (single windows) give each
     window's own encoding."""

@@ -76,17 +76,41 @@ def filter_logits(logits, tokens, cur, sample_begin, suppress_mask, begin_mask, 
     return logits
 
 
+def first_argmax(x: Array) -> Array:
+    """``jnp.argmax(x, axis=-1)`` (the first maximum) as two plain reductions, int32.
+
+    XLA:CPU runs argmax as one variadic (value, index) reduction: 1.05 ms over a batch-8 row of
+    logits, 0.26 ms as a max and then a min over the indices holding it.
+    """
+    ids = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    top = jnp.max(x, axis=-1, keepdims=True)
+    return jnp.minimum(jnp.min(jnp.where(x == top, ids, x.shape[-1]), axis=-1), x.shape[-1] - 1)
+
+
+SAMPLE_BLOCK = 256  # vocabulary entries per block of sample_categorical's two-level search
+
+
 def sample_categorical(key: Array, logits: Array) -> Array:
     """One token per row from ``softmax(logits)`` by inverting the CDF.
 
     One uniform number per row instead of ``jax.random.categorical``'s Gumbel noise over the
-    whole vocabulary, which costed more than the model's step on CPU. Masked (-inf) entries
-    have zero mass, so they are never drawn.
+    whole vocabulary, which costed more than the model's step on CPU. The CDF is inverted in
+    two levels, first over the probability mass of blocks of ``SAMPLE_BLOCK`` entries, then
+    within the block drawn: XLA:CPU's cumulative sum over the whole vocabulary took 1.4 ms for
+    5 rows, this 0.45. Masked (-inf) entries have zero mass, so they are never drawn.
     """
-    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)  # [batch, vocab]
-    u = jax.random.uniform(key, (logits.shape[0], 1), dtype=cdf.dtype) * cdf[:, -1:]
-    token = jnp.sum(cdf < u, axis=-1)  # the first index whose cdf reaches u
-    return jnp.minimum(token, logits.shape[-1] - 1).astype(jnp.int32)
+    batch, vocab = logits.shape
+    blocks = -(-vocab // SAMPLE_BLOCK)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.pad(probs, ((0, 0), (0, blocks * SAMPLE_BLOCK - vocab))).reshape(batch, blocks, SAMPLE_BLOCK)
+    mass = jnp.sum(probs, axis=-1)  # [batch, blocks]
+    cdf = jnp.cumsum(mass, axis=-1)
+    u = jax.random.uniform(key, (batch, 1), dtype=cdf.dtype) * cdf[:, -1:]
+    block = jnp.minimum(jnp.sum(cdf < u, axis=-1), blocks - 1)  # the first block whose cdf reaches u
+    before = jnp.take_along_axis(cdf - mass, block[:, None], axis=1)  # mass of the blocks before it
+    inner = jnp.cumsum(jnp.take_along_axis(probs, block[:, None, None], axis=1)[:, 0], axis=-1) + before
+    token = block * SAMPLE_BLOCK + jnp.sum(inner < u, axis=-1)
+    return jnp.minimum(token, vocab - 1).astype(jnp.int32)
 
 
 def repeats_itself(tokens: Array, last: Array, sample_begin: Array, span: int,
@@ -137,7 +161,7 @@ def decode_loop(
             key, sub = jax.random.split(s.key)
             token = sample_categorical(sub, logits / temperature)
         else:
-            token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            token = first_argmax(logits)
         logprobs = jax.nn.log_softmax(logits, axis=-1)
         token_logprob = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
         sum_logprobs = s.sum_logprobs + jnp.where(s.done, 0.0, token_logprob)
