@@ -72,6 +72,29 @@ def test_loop_detection_agrees_with_a_plain_reimplementation():
         assert last < 68 or 0 < sum(want) < rows  # both outcomes are exercised once rows are long enough
 
 
+def test_a_loop_of_timestamped_segments_is_a_loop():
+    """" S." between rising timestamp pairs never repeats token for token; with timestamp_begin
+    every timestamp counts as one token, so it loops with period 3 (agreeing with the plain
+    reimplementation over timestamps mapped to one id), and text alone is unaffected."""
+    from whisperjax_cli.decoding import repeats_itself
+
+    ts, begin = 100, 2
+    sampled = []
+    for i in range(30):  # " S." then an end and a start timestamp, times rising
+        sampled += [7, ts + 2 * i + 1, ts + 2 * i + 2]
+    rng = np.random.default_rng(5)
+    text = [int(t) for t in rng.integers(0, 50, 90)]  # no short period
+    tokens = jnp.asarray([[1, 1] + sampled, [1, 1] + text], jnp.int32)
+    plain = lambda seq: _periodic_within([min(t, ts) for t in seq], 48, 16)  # noqa: E731
+    for last in (60, 66, 67, 91):
+        with_ts = np.asarray(repeats_itself(tokens, jnp.int32(last), jnp.int32(begin), 48, 16, timestamp_begin=ts))
+        without = np.asarray(repeats_itself(tokens, jnp.int32(last), jnp.int32(begin), 48, 16))
+        want = [plain(list(np.asarray(tokens[r, begin : last + 1]))) for r in range(2)]
+        np.testing.assert_array_equal(with_ts, want)
+        assert not without.any()
+        assert with_ts[0] == (last - begin + 1 >= 64) and not with_ts[1]
+
+
 def test_a_looping_row_stops_early_and_is_marked():
     """Row 0 says 3, 4, 5 forever; row 1 a sequence without a short period. With loop_span the
     loop ends row 0 after 64 sampled tokens (48 repeating the 48 before, shifted by 3)."""

@@ -23,7 +23,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from whisperjax_cli.decoding import DecodeOutput, LoopConfig, filter_logits, prefill, repeats_itself
+from whisperjax_cli.decoding import DecodeOutput, LoopConfig, filter_logits, loops, prefill
 from whisperjax_cli.model import Whisper, init_cache, take_rows
 
 Array = jax.Array
@@ -119,7 +119,7 @@ def beam_loop(
     sequences or ``sample_len`` tokens were sampled.
 
     With ``config.loop_span``, an audio also stops once its best beam repeats itself
-    (:func:`~whisperjax_cli.decoding.repeats_itself`, as greedy decoding's rows): OpenAI's
+    (:func:`~whisperjax_cli.decoding.loops`, as greedy decoding's rows): OpenAI's
     search would run such a window to ``sample_len`` (224 steps of every beam) and most often
     pick the loop, which fails the compression check. Its beams are then frozen and ``looped``
     is set; :func:`beam_search` marks the result looped when a running beam wins the ranking.
@@ -164,7 +164,7 @@ def beam_loop(
             tokens = jnp.where(frozen[:, None], s.tokens, tokens)
             sum_logprobs = jnp.where(frozen, s.sum_logprobs, sum_logprobs)
             best = tokens[::beam]  # beam 0 of each audio: its best live candidate
-            looped = looped | ((s.fin_count < n_finished) & repeats_itself(best, s.cur, sample_begin, config.loop_span))
+            looped = looped | ((s.fin_count < n_finished) & loops(best, s.cur, sample_begin, config))
         cache = take(s.cache, src)
         s = s.replace(tokens=tokens, cur=s.cur + 1, sum_logprobs=sum_logprobs, looped=looped)
         # No model call once every audio is complete or the buffer is full.

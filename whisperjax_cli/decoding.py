@@ -114,20 +114,31 @@ def sample_categorical(key: Array, logits: Array) -> Array:
 
 
 def repeats_itself(tokens: Array, last: Array, sample_begin: Array, span: int,
-                   max_period: int = LOOP_MAX_PERIOD) -> Array:
+                   max_period: int = LOOP_MAX_PERIOD, timestamp_begin: Optional[int] = None) -> Array:
     """True for rows whose last ``span`` sampled tokens (up to slot ``last``) equal the ``span``
     tokens ``p`` slots earlier, for some period ``p <= max_period`` ("au.au.au.", "2H.2H.2H.").
 
     Such a row is stuck: left alone it runs to ``sample_len`` tokens, fails the compression
     check and is decoded again at the next temperature, so its last ~150 steps are wasted.
+    With ``timestamp_begin``, every timestamp counts as the same token: a loop of timestamped
+    segments (" S.<|4.20|><|4.20|> S.<|4.60|>...") has rising times, never equal tokens, and
+    ran up to 224 tokens at every temperature before.
     """
     width = span + max_period
     window = jax.lax.dynamic_slice_in_dim(tokens, last - width + 1, width, axis=1)  # [batch, width]
+    if timestamp_begin is not None:
+        window = jnp.minimum(window, timestamp_begin)
     tail = window[:, max_period:]
     periodic = jnp.zeros((tokens.shape[0],), bool)
     for p in range(1, max_period + 1):
         periodic = periodic | jnp.all(tail == window[:, max_period - p : width - p], axis=1)
     return periodic & (last - sample_begin + 1 >= width)  # every token compared was sampled
+
+
+def loops(tokens: Array, last: Array, sample_begin: Array, config: LoopConfig) -> Array:
+    """:func:`repeats_itself` with the loop settings of ``config`` (timestamps alike)."""
+    ts = config.timestamps.timestamp_begin if config.timestamps is not None else None
+    return repeats_itself(tokens, last, sample_begin, config.loop_span, timestamp_begin=ts)
 
 
 def decode_loop(
@@ -170,7 +181,7 @@ def decode_loop(
         done = s.done | (token == config.eot)
         looped = s.looped
         if config.loop_span:
-            looped = looped | (~done & repeats_itself(tokens, s.cur, sample_begin, config.loop_span))
+            looped = looped | (~done & loops(tokens, s.cur, sample_begin, config))
             done = done | looped
         # The model runs even when this step finished every row (one spare call per loop, whose
         # logits nobody reads): skipping it with lax.cond made XLA copy the whole cache at every
