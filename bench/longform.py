@@ -3,7 +3,8 @@ faster-whisper (sequential greedy and beam 5) on the same audio, weights and set
 ``wjx-batched`` runs as ``wjx transcribe --mode batched`` does on this machine: in mixed
 precision (``dtype="mixed"``: the encoder's products and the output projection in bfloat16,
 float32 accumulation) on a CPU with bfloat16 dot instructions; ``wjx-batched-f32`` is the same
-in float32. Every other row is float32.
+in float32 (not run on other CPUs, where wjx-batched is float32 already). Every other row is
+float32. ``--first-seed`` starts the seeds elsewhere, so that runs add passes rather than repeat them.
 
 The audio is espeak-ng reading the Apache License 2.0 (Debian's /usr/share/common-licenses),
 paragraph by paragraph with 1.2 s pauses, and 60 s of faint noise in the middle: about ten
@@ -186,6 +187,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=3, help="timed passes per row, one sampling seed each")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run from here (more passes over runs)")
     parser.add_argument("--skip", nargs="*", default=[], help="rows to skip, e.g. 'fw-beam5' 'wjx-beam5'")
     parser.add_argument("--memory-hours", type=float, nargs="*", default=[],
                         help="input lengths for the peak-RSS runs, e.g. 1 2 (the growth between them is reported)")
@@ -209,7 +211,7 @@ def main() -> int:
     fw = FasterWhisper(str(model.path), device="cpu", compute_type="float32", cpu_threads=args.threads)
     print(f"audio: {duration / 60:.1f} min, model {args.model}, {args.threads} threads, float32 "
           f"(wjx-batched: {batched_dtype})")
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     fw_settings = {"fw-greedy": dict(beam_size=1), "fw-beam5": dict(beam_size=5)}
     # Each wjx row and the faster-whisper row it is compared with run alternately, one pass
     # each per seed: the machine's speed drifts by 20-25 % over the minutes a row takes, and
