@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from whisperjax_cli.dims import OFFICIAL_DIMS, ModelDimensions
-from whisperjax_cli.model import KVCache, Whisper, init_cache, repeat_rows
+from whisperjax_cli.model import KVCache, Whisper, init_cache, repeat_rows, take_rows, take_slots
 from whisperjax_cli.weights import expected_shapes, name_table
 
 
@@ -95,6 +95,27 @@ def test_cache_is_a_pytree_that_gathers_by_beam():
     assert isinstance(cache, KVCache) and cache.length == 4
     swapped = jax.tree_util.tree_map(lambda x: x[jnp.array([1, 0])], cache)
     np.testing.assert_array_equal(swapped.cross_k[0][0], cache.cross_k[0][1])
+
+
+def test_take_slots_moves_the_blocks_of_its_span_and_keeps_the_rest():
+    """Beams reorder only the slots sampled since their shared prompt (take_slots): inside the
+    blocks that the span touches every buffer equals take_rows's; outside, each row's own."""
+    rng = np.random.default_rng(0)
+    heads, length, rows = 2, 48, 3
+    buffers = lambda: tuple(jnp.asarray(rng.standard_normal((rows * heads, length, 4)), jnp.float32)  # noqa: E731
+                            for _ in range(2))
+    cross = tuple(jnp.zeros((rows, heads, 5, 4)) for _ in range(2))
+    cache = KVCache(self_k=buffers(), self_v=buffers(), cross_k=cross, cross_v=cross)
+    src = jnp.array([2, 0, 0], jnp.int32)
+    moved, whole = take_slots(cache, src, jnp.int32(19), jnp.int32(33), block=8), take_rows(cache, src)
+    for got, want, own in zip(moved.self_k + moved.self_v, whole.self_k + whole.self_v, cache.self_k + cache.self_v):
+        np.testing.assert_array_equal(got[:, 16:40], want[:, 16:40])  # blocks 2..4 hold slots 19..32
+        np.testing.assert_array_equal(got[:, :16], own[:, :16])
+        np.testing.assert_array_equal(got[:, 40:], own[:, 40:])
+    empty = take_slots(cache, src, jnp.int32(24), jnp.int32(24), block=8)
+    np.testing.assert_array_equal(empty.self_k[0], cache.self_k[0])
+    with pytest.raises(ValueError, match="multiple of 5"):
+        take_slots(cache, src, jnp.int32(0), jnp.int32(4), block=5)
 
 
 def test_bfloat16_compute_keeps_float32_logits():

@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from whisperjax_cli.decoding import DecodeOutput, LoopConfig, filter_logits, loops, prefill
-from whisperjax_cli.model import Whisper, init_cache, take_rows
+from whisperjax_cli.model import Whisper, init_cache, take_rows, take_slots
+
+SLOT_BLOCK = 16  # beams reorder their self-attention buffers in blocks of this many slots
 
 Array = jax.Array
 
@@ -114,6 +116,7 @@ def beam_loop(
     n_finished: int,
     finish_top_only: bool = False,
     take: Callable[[Any, Array], Any] = take_leading,
+    reorder: Optional[Callable[[Any, Array, Array, Array], Any]] = None,
 ) -> BeamState:
     """Runs OpenAI's ``BeamSearchDecoder.update`` until every audio has ``n_finished`` finished
     sequences or ``sample_len`` tokens were sampled.
@@ -129,8 +132,12 @@ def beam_loop(
       state: the state after the prompt, rows already repeated ``beam`` times, no finished ones.
       n_finished: OpenAI's ``max_candidates``.
       take: ``(cache, rows) -> cache`` of those rows (default: every leaf indexed on its first axis).
+      reorder: ``(cache, rows, start, stop) -> cache``: ``take`` for caches that differ between
+        an audio's beams only at slots ``[start, stop)`` (those sampled so far); default ``take``.
     """
     end = sample_begin + config.sample_len
+    if reorder is None:
+        reorder = lambda cache, rows, start, stop: take(cache, rows)  # noqa: E731
     rows = state.tokens.shape[0]
 
     def complete(s: BeamState) -> Array:
@@ -165,14 +172,11 @@ def beam_loop(
             sum_logprobs = jnp.where(frozen, s.sum_logprobs, sum_logprobs)
             best = tokens[::beam]  # beam 0 of each audio: its best live candidate
             looped = looped | ((s.fin_count < n_finished) & loops(best, s.cur, sample_begin, config))
-        cache = take(s.cache, src)
+        cache = reorder(s.cache, src, sample_begin, s.cur)
         s = s.replace(tokens=tokens, cur=s.cur + 1, sum_logprobs=sum_logprobs, looped=looped)
-        # No model call once every audio is complete or the buffer is full.
-        next_logits, cache = jax.lax.cond(
-            complete(s) | (s.cur >= end),
-            lambda: (s.logits, cache),
-            lambda: step_fn(token[:, None], cache, s.cur - 1),
-        )
+        # The model runs even after the last step (one spare call, as decoding.decode_loop):
+        # skipping it with lax.cond made XLA copy every buffer at every step, 7 ms of 31.
+        next_logits, cache = step_fn(token[:, None], cache, s.cur - 1)
         return s.replace(logits=next_logits, cache=cache)
 
     return jax.lax.while_loop(cond, body, state)
@@ -223,6 +227,7 @@ def beam_search(
     length_penalty: Optional[float] = None,
     finish_top_only: bool = False,
     take: Callable[[Any, Array], Any] = take_leading,
+    reorder: Optional[Callable[[Any, Array, Array, Array], Any]] = None,
 ) -> tuple[Array, Array, Array]:
     """Beam search for each audio row after its prompt; the best sequence per row.
 
@@ -235,7 +240,7 @@ def beam_search(
       sample_begin: int32 scalar, the first sampled slot.
       config: static loop settings (``sample_len``, ``eot``, timestamp rules).
       take: ``(cache, rows) -> cache`` of those rows: repeats each row for its beams, then
-        reorders beams at every step.
+        reorders beams at every step (unless ``reorder``, see :func:`beam_loop`).
     Returns:
       ``(tokens int32 [batch, sample_len]`` sampled tokens then end-of-text,
       ``sum_logprobs float32 [batch]``, ``looped bool [batch])``: the search stopped on a loop
@@ -257,7 +262,7 @@ def beam_search(
         looped=jnp.zeros((batch,), bool),
     )
     state = beam_loop(step_fn, state, state.cur, suppress_mask, begin_mask, config, beam_size, n_finished,
-                      finish_top_only, take)
+                      finish_top_only, take, reorder)
     finished = state.fin_count
     state = finalize(state, sample_begin, config.sample_len, beam_size)
     tokens, sum_logprobs, slot = rank_finished(state, config.eot, length_penalty)
@@ -286,7 +291,8 @@ def beam_search_window(
 
     The prompt is prefilled once per audio row; the beams of a row share its cross-attention
     keys/values (held constant, read once per step for all beams); reordering beams gathers only
-    the self-attention buffers (:func:`~whisperjax_cli.model.take_rows`).
+    the self-attention buffers, and of those only the slots sampled so far
+    (:func:`~whisperjax_cli.model.take_slots`): the prompt's are the same for all beams.
 
     Args:
       module: the model (static).
@@ -300,13 +306,14 @@ def beam_search_window(
     """
     batch, prompt_len = prompt.shape
     cross = module.apply({"params": params}, audio, method=Whisper.cross_kv)
-    cache = init_cache(module.dims, cross, prompt_len + config.sample_len, module.dtype)
+    length = -(-(prompt_len + config.sample_len) // SLOT_BLOCK) * SLOT_BLOCK  # whole blocks; the rest masked
+    cache = init_cache(module.dims, cross, length, module.dtype)
     last_logits, cache, no_speech_prob = prefill(module, params, prompt, cache, pad, sot_index, config)
 
     beam_pad = jnp.repeat(pad, beam_size, axis=0)
 
     # The loop carries the model's cache as it is (audio keys/values one per audio, shared by its
-    # beams) and reorders beams with take_rows. Unfolding the self-attention buffers to
+    # beams) and reorders beams with take_slots. Unfolding the self-attention buffers to
     # [rows, heads, ...] around each model call made XLA copy every buffer at every step: 20 ms
     # a step instead of 14 with a 232-token prompt.
     def step(token, cache, index):
@@ -317,5 +324,6 @@ def beam_search_window(
     tokens, sum_logprobs, looped = beam_search(
         step, buffer, last_logits, cache, jnp.int32(prompt_len),
         suppress_mask, begin_mask, config, beam_size, patience, length_penalty, finish_top_only, take_rows,
+        functools.partial(take_slots, block=SLOT_BLOCK),
     )
     return DecodeOutput(tokens, sum_logprobs, no_speech_prob, looped)

@@ -126,6 +126,30 @@ def take_rows(cache: KVCache, rows: Array, audio_rows: Optional[Array] = None) -
     return cache
 
 
+def take_slots(cache: KVCache, rows: Array, start: Array, stop: Array, block: int) -> KVCache:
+    """:func:`take_rows` of the self-attention slots ``[start, stop)`` only; the other slots keep
+    each row's own. For beams, whose buffers differ only after the prompt they share: a step
+    then copies the few slots sampled so far instead of every buffer whole (8 gathers of
+    ~450 slots were an eighth of a beam step). Copies whole blocks of ``block`` slots, the
+    buffers' length a multiple of it, in place.
+    """
+    heads = cache.cross_k[0].shape[1]
+    if cache.length % block:
+        raise ValueError(f"buffer length {cache.length} is not a multiple of {block}")
+
+    def copy_block(i, buffers):
+        def one(x):
+            piece = jax.lax.dynamic_slice_in_dim(x, i * block, block, axis=1)
+            # one slice per row (a copy in place); a gather ran ~2x slower
+            moved = [jax.lax.dynamic_slice_in_dim(piece, r * heads, heads, axis=0) for r in rows]
+            return jax.lax.dynamic_update_slice_in_dim(x, jnp.concatenate(moved, axis=0), i * block, axis=1)
+
+        return jax.tree_util.tree_map(one, buffers)
+
+    self_k, self_v = jax.lax.fori_loop(start // block, -(-stop // block), copy_block, (cache.self_k, cache.self_v))
+    return cache.replace(self_k=self_k, self_v=self_v)
+
+
 def repeat_rows(cache: KVCache, times: int) -> KVCache:
     """Each decoder row's self-attention cache ``times`` times in a row (a prompt run once for a
     group of samples); the audio keys/values stay one per audio."""
