@@ -23,7 +23,9 @@ def test_eval_shape_every_official_size(name):
     assert audio.shape == (2, dims.n_audio_ctx, dims.n_audio_state)
     cross = jax.eval_shape(lambda p, a: model.apply({"params": p}, a, method=Whisper.cross_kv), params, audio)
     assert len(cross[0]) == dims.n_text_layer
-    assert cross[0][0].shape == (2, dims.n_text_head, dims.n_audio_ctx, dims.n_text_state // dims.n_text_head)
+    head_dim = dims.n_text_state // dims.n_text_head
+    assert cross[0][0].shape == (2, dims.n_text_head, head_dim, dims.n_audio_ctx)  # keys transposed
+    assert cross[1][0].shape == (2, dims.n_text_head, dims.n_audio_ctx, head_dim)
 
     def step(p, cross):
         cache = init_cache(dims, cross, 16)
