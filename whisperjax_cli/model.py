@@ -132,9 +132,9 @@ def take_rows(cache: KVCache, rows: Array, audio_rows: Optional[Array] = None) -
 def take_slots(cache: KVCache, rows: Array, start: Array, stop: Array, block: int) -> KVCache:
     """:func:`take_rows` of the self-attention slots ``[start, stop)`` only; the other slots keep
     each row's own. For beams, whose buffers differ only after the prompt they share: a step
-    then copies the few slots sampled so far instead of every buffer whole (8 gathers of
-    ~450 slots were an eighth of a beam step). Copies whole blocks of ``block`` slots, the
-    buffers' length a multiple of it, in place.
+    then copies the few slots sampled so far instead of every buffer whole (with whole
+    buffers gathered, a beam-5 step of tiny.en with a 232-token prompt took 35 ms, not 24).
+    Copies whole blocks of ``block`` slots, the buffers' length a multiple of it, in place.
     """
     heads = cache.cross_k[0].shape[1]
     if cache.length % block:
