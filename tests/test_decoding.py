@@ -251,6 +251,11 @@ def test_batched_encode_runs_in_chunks_and_matches_single_windows(tiny_en, clip_
         assert out.shape == (len(batch), 1500, 384)
         for got, want in zip(out, single):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # rows=1 of a batch of 4: the chunk holding row 0 is encoded, the other chunk is left zero
+    out = np.asarray(encode(tiny_en.module, tiny_en.params, mels, np.int32(1)))
+    for got, want in zip(out[:2], single):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert not out[2:].any()
 
 
 def test_rows_moved_to_smaller_batches_decode_as_they_would_alone(tiny_en, clip_audio):

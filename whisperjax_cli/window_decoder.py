@@ -176,12 +176,13 @@ class WindowDecoder:
                                  loop_span=LOOP_SPAN if options.stop_loops else 0)
 
     def encode(self, mels: np.ndarray) -> Array:
-        """Encoder output for ``mels`` ``[batch, 3000, n_mels]``, batch padded to a bucket."""
+        """Encoder output for ``mels`` ``[batch, 3000, n_mels]``, batch padded to a bucket
+        (the padding rows are not encoded: zeros)."""
         n = mels.shape[0]
         size = batch_bucket(n)
         padded = np.zeros((size, *mels.shape[1:]), np.float32)
         padded[:n] = mels
-        return encode(self.model.module, self.model.params, padded)
+        return encode(self.model.module, self.model.params, padded, np.int32(n))
 
     def decode(self, audio: Array, n: int, prompts: list[list[int]], tail: int, key) -> list[DecodingResult]:
         """Decodes rows ``[0, n)`` of encoder output ``audio``, with fallback per row.
