@@ -318,8 +318,9 @@ def encode(module: Whisper, params, mel: Array, rows: Optional[Array] = None) ->
     0.31 s at batch 1 or 2 (tiny.en, 2 cores). Each window's result is the same either way.
 
     ``rows`` (an int32 scalar, traced): only the chunks holding windows ``[0, rows)`` are
-    encoded and the rest of the output is zeros, so a batch padded up to its bucket (a last
-    step with 5 windows of 8) costs its real windows only, with the one program of the bucket.
+    encoded and the rest of the output is zeros, so a batch padded up to its bucket costs its
+    real windows rounded up to a chunk, with the one program of the bucket (batch 8, tiny.en,
+    2 cores: 6.07 s for 8 rows, 4.43 s for 5, 1.53 s for 1).
     """
     run = lambda m: module.apply({"params": params}, m, method=Whisper.encode)  # noqa: E731
     batch = mel.shape[0]

@@ -177,7 +177,7 @@ class WindowDecoder:
 
     def encode(self, mels: np.ndarray) -> Array:
         """Encoder output for ``mels`` ``[batch, 3000, n_mels]``, batch padded to a bucket
-        (the padding rows are not encoded: zeros)."""
+        (padding rows past the last chunk holding a window are not encoded: zeros)."""
         n = mels.shape[0]
         size = batch_bucket(n)
         padded = np.zeros((size, *mels.shape[1:]), np.float32)
