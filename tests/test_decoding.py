@@ -319,7 +319,7 @@ def test_when_every_temperature_fails_the_likeliest_not_repetitive_result_is_kep
         1.0: (-1.8, 1.2),
     }
 
-    def rows(audio, todo, prompts, tail, temperature, key):
+    def rows(audio, todo, prompts, tail, temperature, key, holds=None):
         lp, cr = scripted[temperature]
         return [DecodingResult([1, 2], f"t{temperature}", 3 * lp, lp, 0.1, temperature, cr, temperature in looped)
                 for _ in todo]

@@ -17,6 +17,7 @@ import pytest
 from whisperjax_cli.timestamps import (
     TimestampConfig,
     apply_timestamp_rules,
+    hold_end_of_text,
     initial_timestamp,
     suppress_no_timestamps,
     timestamp_if_probable,
@@ -254,6 +255,27 @@ def test_composed_rules_first_step():
     out = apply_timestamp_rules(jnp.zeros((2, V)), _buffer([SOT, 7], t=8).repeat(2, 0), 2, 2, CFG)
     assert np.isneginf(np.asarray(out)).sum(1).tolist() == [V - 6, V - 6]
     assert _allowed(out[:1]) == set(range(TS, TS + 6))
+
+
+def test_end_of_text_is_held_until_a_timestamp_reaches_the_row_s_hold():
+    hold = lambda history, until, fill=0: _rule(  # noqa: E731
+        lambda *a: hold_end_of_text(*a, jnp.asarray([until], jnp.int32)), history, 1, fill=fill)
+    closed = [SOT, ts(0), 5, ts(1.0)]  # "<|0.00|> Hello <|1.00|>"
+    assert hold(closed, round(1.5 / 0.02)) == ALL - {EOT}  # 1.0 s < 1.5 s: go on
+    assert hold(closed, round(1.0 / 0.02)) == ALL  # reached
+    assert hold(closed, 0) == ALL  # no hold
+    assert hold([SOT, 5], 1) == ALL - {EOT}  # no timestamp sampled yet
+    assert hold([SOT, 5], 0) == ALL
+    assert hold([ts(1.9), SOT, 5], 10) == ALL - {EOT}  # the prompt's timestamps do not count
+    assert hold([SOT, 5], 10, fill=ts(1.9)) == ALL - {EOT}  # nor do those past cur
+    # Per row: one held, one free, in one call.
+    out = hold_end_of_text(jnp.zeros((2, V)), _buffer(closed).repeat(2, 0), 4, 1, CFG, jnp.asarray([75, 50]))
+    assert np.isneginf(np.asarray(out)[:, EOT]).tolist() == [True, False]
+    # Composed with OpenAI's rules after a closed segment: only later timestamps are left.
+    logits = np.zeros((1, V), np.float32)
+    logits[0, EOT] = 10.0
+    held = hold_end_of_text(jnp.asarray(logits), _buffer(closed), 4, 1, CFG, jnp.asarray([75]))
+    assert _allowed(apply_timestamp_rules(held, _buffer(closed), 4, 1, CFG)) == set(range(ts(1), V))
 
 
 # ----------------------------------------------------------------------------- parity

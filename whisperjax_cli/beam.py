@@ -117,6 +117,7 @@ def beam_loop(
     finish_top_only: bool = False,
     take: Callable[[Any, Array], Any] = take_leading,
     reorder: Optional[Callable[[Any, Array, Array, Array], Any]] = None,
+    hold: Optional[Array] = None,
 ) -> BeamState:
     """Runs OpenAI's ``BeamSearchDecoder.update`` until every audio has ``n_finished`` finished
     sequences or ``sample_len`` tokens were sampled.
@@ -147,7 +148,7 @@ def beam_loop(
         return (s.cur < end) & ~complete(s)
 
     def body(s: BeamState) -> BeamState:
-        logits = filter_logits(s.logits, s.tokens, s.cur, sample_begin, suppress_mask, begin_mask, config)
+        logits = filter_logits(s.logits, s.tokens, s.cur, sample_begin, suppress_mask, begin_mask, config, hold)
         logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         scores, source, token, valid = rank_candidates(logprobs, s.sum_logprobs, s.cur == sample_begin, beam)
         live = valid & (token != config.eot)
@@ -228,6 +229,7 @@ def beam_search(
     finish_top_only: bool = False,
     take: Callable[[Any, Array], Any] = take_leading,
     reorder: Optional[Callable[[Any, Array, Array, Array], Any]] = None,
+    hold: Optional[Array] = None,
 ) -> tuple[Array, Array, Array]:
     """Beam search for each audio row after its prompt; the best sequence per row.
 
@@ -261,8 +263,9 @@ def beam_search(
         fin_count=jnp.zeros((batch,), jnp.int32),
         looped=jnp.zeros((batch,), bool),
     )
+    beam_hold = None if hold is None else jnp.repeat(hold, beam_size)  # an audio's beams share its hold
     state = beam_loop(step_fn, state, state.cur, suppress_mask, begin_mask, config, beam_size, n_finished,
-                      finish_top_only, take, reorder)
+                      finish_top_only, take, reorder, beam_hold)
     finished = state.fin_count
     state = finalize(state, sample_begin, config.sample_len, beam_size)
     tokens, sum_logprobs, slot = rank_finished(state, config.eot, length_penalty)
@@ -286,6 +289,7 @@ def beam_search_window(
     patience: Optional[float] = None,
     length_penalty: Optional[float] = None,
     finish_top_only: bool = False,
+    hold: Optional[Array] = None,
 ) -> DecodeOutput:
     """Beam-search decodes a batch of audio windows; ``decoding.decode_window``'s convention.
 
@@ -324,6 +328,6 @@ def beam_search_window(
     tokens, sum_logprobs, looped = beam_search(
         step, buffer, last_logits, cache, jnp.int32(prompt_len),
         suppress_mask, begin_mask, config, beam_size, patience, length_penalty, finish_top_only, take_rows,
-        functools.partial(take_slots, block=SLOT_BLOCK),
+        functools.partial(take_slots, block=SLOT_BLOCK), hold,
     )
     return DecodeOutput(tokens, sum_logprobs, no_speech_prob, looped)

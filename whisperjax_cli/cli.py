@@ -242,7 +242,7 @@ def decode_options(o: dict) -> dict:
 @click.option("--task", type=click.Choice(["transcribe", "translate"]), default="transcribe", show_default=True,
               help="Transcribe, or translate into English.")
 @click.option("--temperature", type=click.FloatRange(0.0, 1.0), default=None,
-              help="Sampling temperature; default: 0 with fallback 0.2, 0.4 ... 1.0.")
+              help="Sampling temperature; default: 0 with fallback 0.2, 0.4 ... 1.0 (batched: 0 alone).")
 @click.option("--temperature-increment-on-fallback", type=click.FloatRange(0.0, 1.0), default=0.2,
               show_default=True, help="Fallback step above --temperature (0: no fallback).")
 @click.option("--beam-size", type=click.IntRange(min=1), default=None, help="Beam search width at temperature 0.")
@@ -250,15 +250,15 @@ def decode_options(o: dict) -> dict:
 @click.option("--patience", type=float, default=None, help="Beam search patience.")
 @click.option("--length-penalty", type=float, default=None, help="Length penalty alpha (default: length norm).")
 @click.option("--initial-prompt", default=None, help="Text to condition the first window on.")
-@click.option("--condition-on-previous-text/--no-condition-on-previous-text", default=True, show_default=True,
-              help="Prompt each window with the previous window's text.")
+@click.option("--condition-on-previous-text/--no-condition-on-previous-text", default=None,
+              help="Prompt each window with the previous window's text [sequential: yes; batched: no].")
 @click.option("--stop-loops/--no-stop-loops", default=True, show_default=True,
               help="End a sample once it repeats itself and try the next temperature (no: OpenAI's rule alone).")
 @click.option("--compression-ratio-threshold", type=float, default=None, help="Fallback above this gzip ratio [2.4].")
 @click.option("--logprob-threshold", type=float, default=None, help="Fallback below this average log prob [-1].")
 @click.option("--no-speech-threshold", type=float, default=None, help="Silence above this no-speech prob [0.6].")
 @click.option("--mode", type=click.Choice(["sequential", "batched"]), default="sequential", show_default=True,
-              help="sequential: OpenAI's long-form loop; batched: cut at pauses, decode pieces in parallel.")
+              help="sequential: OpenAI's long-form loop; batched: pauses shortened, cut into windows decoded side by side.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Windows decoded together [8].")
 @click.option("--skip-existing", is_flag=True, help="Skip inputs whose every requested output exists.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")

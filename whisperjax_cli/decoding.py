@@ -18,7 +18,7 @@ import numpy as np
 
 from whisperjax_cli.model import KVCache, Whisper, init_cache, repeat_rows, take_rows
 from whisperjax_cli.runtime import cached_jit  # jax.jit, and whole programs kept on disk (start-up)
-from whisperjax_cli.timestamps import TimestampConfig, apply_timestamp_rules
+from whisperjax_cli.timestamps import TimestampConfig, apply_timestamp_rules, hold_end_of_text
 
 Array = jax.Array
 NEG_INF = -jnp.inf
@@ -67,11 +67,16 @@ def suppress_at_begin(logits: Array, mask: Array, cur: Array, sample_begin: Arra
     return jnp.where((cur == sample_begin) & mask[None, :], NEG_INF, logits)
 
 
-def filter_logits(logits, tokens, cur, sample_begin, suppress_mask, begin_mask, config: LoopConfig):
-    """All logit filters in OpenAI's order: blank, suppress tokens, timestamp rules."""
+def filter_logits(logits, tokens, cur, sample_begin, suppress_mask, begin_mask, config: LoopConfig,
+                  hold: Optional[Array] = None):
+    """All logit filters in OpenAI's order: blank, suppress tokens, timestamp rules; with
+    ``hold`` (int32 ``[batch]``), end-of-text held back until a timestamp reaches it
+    (:func:`~whisperjax_cli.timestamps.hold_end_of_text`), before the timestamp rules."""
     logits = suppress_at_begin(logits, begin_mask, cur, sample_begin)
     logits = suppress(logits, suppress_mask)
     if config.timestamps is not None:
+        if hold is not None:
+            logits = hold_end_of_text(logits, tokens, cur, sample_begin, config.timestamps, hold)
         logits = apply_timestamp_rules(logits, tokens, cur, sample_begin, config.timestamps)
     return logits
 
@@ -150,6 +155,7 @@ def decode_loop(
     temperature: Array,
     config: LoopConfig,
     stop_at_active: int = 0,
+    hold: Optional[Array] = None,
 ) -> LoopState:
     """Samples until every row has produced end-of-text or ``sample_len`` tokens.
 
@@ -159,6 +165,7 @@ def decode_loop(
       temperature: float32 scalar, used when ``config.sample`` (greedy otherwise).
       stop_at_active: also stop once at most this many rows are unfinished (see
         :func:`decode_phases`); ``state.logits`` then hold the next slot's logits of every row.
+      hold: int32 ``[batch]`` or None, see :func:`filter_logits`.
     """
     end = sample_begin + config.sample_len
 
@@ -166,7 +173,7 @@ def decode_loop(
         return (s.cur < end) & (jnp.sum(~s.done) > stop_at_active)
 
     def body(s: LoopState) -> LoopState:
-        logits = filter_logits(s.logits, s.tokens, s.cur, sample_begin, suppress_mask, begin_mask, config)
+        logits = filter_logits(s.logits, s.tokens, s.cur, sample_begin, suppress_mask, begin_mask, config, hold)
         key = s.key
         if config.sample:
             key, sub = jax.random.split(s.key)
@@ -201,7 +208,8 @@ def phase_sizes(batch: int) -> tuple[int, ...]:
 
 
 def decode_phases(module: Whisper, params, state: LoopState, pad: Array, group: int, sample_begin: Array,
-                  suppress_mask: Array, begin_mask: Array, temperature: Array, config: LoopConfig) -> LoopState:
+                  suppress_mask: Array, begin_mask: Array, temperature: Array, config: LoopConfig,
+                  hold: Optional[Array] = None) -> LoopState:
     """:func:`decode_loop`, moving the unfinished rows into ever smaller batches.
 
     A row that runs to ``sample_len`` (a repetition loop) would keep the whole batch stepping
@@ -224,7 +232,7 @@ def decode_phases(module: Whisper, params, state: LoopState, pad: Array, group: 
                               state.done[keep], state.key, state.looped[keep])
         stop = sizes[i + 1] if i + 1 < len(sizes) else 0
         state = decode_loop(_model_step(module, params, pad[rows]), state, sample_begin, suppress_mask,
-                            begin_mask, temperature, config, stop)
+                            begin_mask, temperature, config, stop, None if hold is None else hold[rows])
         full_tokens = full_tokens.at[rows].set(state.tokens)
         full_sums = full_sums.at[rows].set(state.sum_logprobs)
         full_looped = full_looped.at[rows].set(state.looped)
@@ -267,6 +275,7 @@ def decode_window(
     key: Array,
     config: LoopConfig,
     group: int = 1,
+    hold: Optional[Array] = None,
 ) -> DecodeOutput:
     """Decodes a batch of audio windows after their (left-padded) prompts.
 
@@ -281,6 +290,8 @@ def decode_window(
       suppress_mask, begin_mask: bool ``[vocab]``.
       temperature: float32 scalar.
       key: PRNG key.
+      hold: int32 ``[batch]`` or None: per row, the timestamp index before which end-of-text
+        is held back (:func:`~whisperjax_cli.timestamps.hold_end_of_text`; batched mode).
     """
     batch, prompt_len = prompt.shape
     cross = module.apply({"params": params}, audio, method=Whisper.cross_kv)
@@ -302,7 +313,7 @@ def decode_window(
         looped=jnp.zeros((batch,), bool),
     )
     state = decode_phases(module, params, state, pad, group, jnp.int32(prompt_len), suppress_mask, begin_mask,
-                          temperature, config)
+                          temperature, config, hold)
     return DecodeOutput(state.tokens[:, prompt_len:], state.sum_logprobs, no_speech_prob, state.looped)
 
 

@@ -184,10 +184,13 @@ class WindowDecoder:
         padded[:n] = mels
         return encode(self.model.module, self.model.params, padded, np.int32(n))
 
-    def decode(self, audio: Array, n: int, prompts: list[list[int]], tail: int, key) -> list[DecodingResult]:
+    def decode(self, audio: Array, n: int, prompts: list[list[int]], tail: int, key,
+               holds: Optional[list[int]] = None) -> list[DecodingResult]:
         """Decodes rows ``[0, n)`` of encoder output ``audio``, with fallback per row.
 
         ``key`` is a PRNG key or a :class:`LazyKey`; it is only drawn from when sampling.
+        ``holds``: per row, the timestamp index before which end-of-text is held back
+        (:func:`~whisperjax_cli.timestamps.hold_end_of_text`), or None (OpenAI's decoding).
         """
         opts = self.options
         key = key if isinstance(key, LazyKey) else LazyKey(key)
@@ -198,7 +201,8 @@ class WindowDecoder:
             if not todo:
                 break
             key, sub = key.split()
-            rows = self._decode_rows(audio, todo, [prompts[r] for r in todo], tail, temperature, sub)
+            rows = self._decode_rows(audio, todo, [prompts[r] for r in todo], tail, temperature, sub,
+                                     None if holds is None else [holds[r] for r in todo])
             retry = []
             for r, res in zip(todo, rows):
                 results[r] = res
@@ -233,7 +237,7 @@ class WindowDecoder:
         )
         return (too_repetitive or too_unlikely) and not silence
 
-    def _decode_rows(self, audio, rows, prompts, tail, temperature, key) -> list[DecodingResult]:
+    def _decode_rows(self, audio, rows, prompts, tail, temperature, key, holds=None) -> list[DecodingResult]:
         opts = self.options
         # best-of samples of one window are consecutive rows sharing its audio (a group).
         repeat = opts.best_of if temperature > 0 and opts.best_of else 1
@@ -244,6 +248,9 @@ class WindowDecoder:
                                prompt_len, self.tokenizer.eot)
         if audio.shape[0] != size or np.any(gather != np.arange(size)):  # else every row is in place
             audio = audio[gather]
+        hold = None
+        if holds is not None and self.config.timestamps is not None:
+            hold = np.repeat(np.asarray(holds + [holds[0]] * (size - len(rows)), np.int32), repeat)
         # numpy arguments: jit moves them; eager jnp scalars and arrays were each a program to compile.
         args = (self.model.module, self.model.params, audio, padded, pad, np.int32(prompt_len - tail),
                 self.suppress_mask, self.begin_mask)
@@ -253,11 +260,11 @@ class WindowDecoder:
             # Finishing only top-ranked endings (CTranslate2's rule) keeps long-form beam search
             # from ending windows early; OpenAI's rule stays available in beam.py and tested.
             out = beam_search_window(*args, self.config, opts.beam_size, opts.patience, opts.length_penalty,
-                                     finish_top_only=True)
+                                     finish_top_only=True, hold=hold)
         else:
             config = dataclasses.replace(self.config, sample=temperature > 0)
             draw = key.value() if config.sample else _UNUSED_KEY  # greedy never draws
-            out = decode_window(*args, np.float32(temperature), draw, config, repeat)
+            out = decode_window(*args, np.float32(temperature), draw, config, repeat, hold)
         tokens, sums, no_speech, looped = jax.device_get((out.tokens, out.sum_logprobs, out.no_speech_prob, out.looped))
         looped = np.zeros(len(sums), bool) if looped is None else looped  # beam search: never stopped
         results = [self._result(tokens[j], sums[j], no_speech[j], temperature, bool(looped[j]))
