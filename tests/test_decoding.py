@@ -192,8 +192,9 @@ def test_repeated_calls_do_not_recompile(tiny_en, clip_audio):
 def test_silence_gives_no_text(tiny_en):
     rng = np.random.default_rng(0)
     for audio in (np.zeros(30 * 16000, np.float32), (rng.standard_normal(30 * 16000) * 1e-3).astype(np.float32)):
-        result = transcribe(tiny_en, audio)
-        assert result.text.strip() == "" and result.segments == []
+        for mode in ("sequential", "batched"):
+            result = transcribe(tiny_en, audio, mode=mode)
+            assert result.text.strip() == "" and result.segments == [], mode
 
 
 def test_inverse_cdf_sampling_follows_the_softmax_and_never_draws_masked_ids():

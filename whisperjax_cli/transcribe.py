@@ -358,7 +358,8 @@ class Transcriber:
             energy, quiet = timeline.frames_of(energy), timeline.frames_of(quiet)
             cuts = WindowCuts(quiet, energy, timeline.breaks(BREAK_MIN))
             clips = cuts.windows()
-            audio = timeline.audio(audio)
+            # All quiet: nothing to decode (one frame of zeros keeps the log-mel well defined).
+            audio = timeline.audio(audio) if timeline.frames else np.zeros(HOP_LENGTH, np.float32)
         mel = LogMelWindows(audio, self.model.n_mels, padding=N_SAMPLES)
         content_frames = mel.n_frames - N_FRAMES
         language, probability = self._language(mel, content_frames)
@@ -438,6 +439,8 @@ class Transcriber:
             split = s.packed and result.looped and (s.seek, s.clip_end) not in s.split
             new, advance = self._segments(f, s, size, result, split)
             new = [g for g in new if g.start < g.end and g.text.strip()]
+            if s.packed:  # no fallback to replace ". . . ." over noise: a segment without a letter or digit goes
+                new = [g for g in new if any(c.isalnum() for c in g.text)]
             s.segments.extend(new)
             s.seek += advance
             if split:
