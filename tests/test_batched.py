@@ -30,7 +30,7 @@ def test_batched_times_are_the_file_s_across_the_silence_it_dropped(tiny_en, cli
 
 
 def test_speech_spans_shorten_pauses_and_drop_quiet_ends():
-    from whisperjax_cli.transcribe import speech_spans
+    from whisperjax_cli.packing import speech_spans
 
     quiet = np.zeros(1000, bool)
     quiet[:100] = True  # 1 s of quiet at the start: dropped but for 0.2 s
@@ -44,7 +44,7 @@ def test_speech_spans_shorten_pauses_and_drop_quiet_ends():
 
 
 def test_quiet_frames_are_relative_to_the_file_and_absolute_below_80_dbfs():
-    from whisperjax_cli.transcribe import quiet_frames
+    from whisperjax_cli.packing import quiet_frames
 
     energy = np.r_[np.full(90, -2.0), np.full(10, -5.4), np.full(10, -5.6), np.full(10, -9.0)]
     assert quiet_frames(energy).tolist() == [False] * 100 + [True] * 20  # 35 dB under -2
@@ -53,7 +53,7 @@ def test_quiet_frames_are_relative_to_the_file_and_absolute_below_80_dbfs():
 
 
 def test_window_cuts_end_in_the_longest_gap_15_to_30_s_in():
-    from whisperjax_cli.transcribe import WindowCuts
+    from whisperjax_cli.packing import WindowCuts
 
     n = 8000
     quiet = np.zeros(n, bool)
@@ -77,7 +77,7 @@ def test_window_cuts_end_in_the_longest_gap_15_to_30_s_in():
 
 
 def test_timeline_maps_packed_times_back_to_the_file():
-    from whisperjax_cli.transcribe import Timeline
+    from whisperjax_cli.packing import Timeline
 
     line = Timeline(((100, 300), (500, 600), (1000, 1100)))  # frames of the file
     assert line.frames == 400
@@ -91,8 +91,7 @@ def test_timeline_maps_packed_times_back_to_the_file():
 
 
 def test_loop_start_finds_where_the_repeats_begin():
-    from whisperjax_cli.decoding import LOOP_SPAN
-    from whisperjax_cli.transcribe import loop_start
+    from whisperjax_cli.decoding import LOOP_SPAN, loop_start
 
     ts = 1000
     head = [ts, 5, 6, 7]
@@ -105,7 +104,8 @@ def test_loop_start_finds_where_the_repeats_begin():
 
 
 def test_a_looping_window_keeps_its_closed_segments_and_is_decoded_again_in_halves(tiny_en):
-    from whisperjax_cli.transcribe import WindowCuts, _File, _Stream, make_transcriber
+    from whisperjax_cli.packing import WindowCuts
+    from whisperjax_cli.transcribe import _File, _Stream, make_transcriber
     from whisperjax_cli.window_decoder import DecodingResult
 
     tok = tiny_en.tokenizer

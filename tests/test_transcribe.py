@@ -10,7 +10,8 @@ import pysubs2
 import pytest
 
 from conftest import CLIPS, faster_whisper_model
-from whisperjax_cli.transcribe import ENERGY_BLOCK, _Stream, frame_energy, transcribe, transcribe_files, transcribe_segments
+from whisperjax_cli.packing import ENERGY_BLOCK, frame_energy
+from whisperjax_cli.transcribe import _Stream, transcribe, transcribe_files, transcribe_segments
 from whisperjax_cli.writers import get_writer
 
 

@@ -140,6 +140,21 @@ def repeats_itself(tokens: Array, last: Array, sample_begin: Array, span: int,
     return periodic & (last - sample_begin + 1 >= width)  # every token compared was sampled
 
 
+def loop_start(tokens: np.ndarray, timestamp_begin: int) -> int:
+    """Where the repetition that a looping row ended in begins (every timestamp counted as
+    the same token, as :func:`repeats_itself`, on the host); ``len(tokens)`` if
+    its last ``LOOP_SPAN`` tokens do not repeat."""
+    t = np.minimum(tokens, timestamp_begin)
+    n = len(t)
+    for p in range(1, LOOP_MAX_PERIOD + 1):
+        if n >= LOOP_SPAN + p and np.array_equal(t[n - LOOP_SPAN :], t[n - LOOP_SPAN - p : n - p]):
+            start = n - LOOP_SPAN - p
+            while start > 0 and t[start - 1] == t[start - 1 + p]:
+                start -= 1
+            return start
+    return n
+
+
 def loops(tokens: Array, last: Array, sample_begin: Array, config: LoopConfig) -> Array:
     """:func:`repeats_itself` with the loop settings of ``config`` (timestamps alike)."""
     ts = config.timestamps.timestamp_begin if config.timestamps is not None else None

@@ -8,9 +8,9 @@ batch, refilling a row as soon as its stream ends.
 * ``mode="sequential"`` (accuracy, the default): one stream per file, exactly OpenAI's
   semantics; several files are still decoded side by side.
 * ``mode="batched"`` (throughput, faster-whisper's batched pipeline in kind): the file's
-  pauses are shortened (:func:`speech_spans`), what is left is cut at gaps into windows of
-  15-30 s (:class:`WindowCuts`), and each window is decoded once, side by side with the others,
-  its times mapped back to the file (:class:`Timeline`). By default without the previous text
+  pauses are shortened (:func:`~whisperjax_cli.packing.speech_spans`), what is left is cut at gaps into windows of
+  15-30 s (:class:`~whisperjax_cli.packing.WindowCuts`), and each window is decoded once, side by side with the others,
+  its times mapped back to the file (:class:`~whisperjax_cli.packing.Timeline`). By default without the previous text
   and at temperature 0 alone, as faster-whisper's; with ``condition_on_previous_text`` a row
   decodes a run of consecutive windows. The model may not end a window's text before its last
   sound (:func:`~whisperjax_cli.timestamps.hold_end_of_text`): at a cut 15-30 s in, it otherwise
@@ -20,15 +20,16 @@ batch, refilling a row as soon as its stream ends.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import jax
 import numpy as np
 
 from whisperjax_cli.audio import SAMPLE_RATE, load_audio
-from whisperjax_cli.decoding import language_logits, language_probs
+from whisperjax_cli.decoding import language_logits, language_probs, loop_start
 from whisperjax_cli.features import HOP_LENGTH, N_FRAMES, N_SAMPLES, LogMelWindows, first_window, model_window
+from whisperjax_cli.packing import (BREAK_MIN, Timeline, WindowCuts, frame_energy, group_windows, quiet_frames,
+                                   speech_spans)
 from whisperjax_cli.results import Segment, Transcript
 from whisperjax_cli.window_decoder import DecodingOptions, LazyKey, WindowDecoder, build_prompt
 
@@ -140,183 +141,8 @@ def is_digital_silence(samples: np.ndarray) -> bool:
     return samples.size == 0 or float(np.max(np.abs(samples))) < SILENCE_PEAK
 
 
-ENERGY_BLOCK = 6000  # frames (60 s) per step of frame_energy
-
-
-def frame_energy(audio: np.ndarray) -> np.ndarray:
-    """Log power of each 10 ms frame (one value per mel frame), ``[len(audio) // 160]``."""
-    n = len(audio) // HOP_LENGTH
-    frames = audio[: n * HOP_LENGTH].reshape(n, HOP_LENGTH)
-    energy = np.empty(n, np.float64)
-    for i in range(0, n, ENERGY_BLOCK):  # in blocks: float64 temporaries of the whole file are 4x its audio
-        block = frames[i : i + ENERGY_BLOCK].astype(np.float64)
-        energy[i : i + ENERGY_BLOCK] = np.log10(np.mean(block * block, axis=1) + 1e-10)
-    return energy
-
-
-QUIET_BELOW_LEVEL = 3.5  # log10 power: 35 dB under the file's speech level is quiet
-QUIET_FLOOR = -8.0  # the mean power of audio under -80 dBFS: quiet in any file
-PAUSE_MIN = 30  # frames: a quiet run this long is a pause that packing shortens
-PAUSE_KEEP = 20  # frames of a pause kept on each side of the speech around it
-GAP_TIERS = (15, 8)  # frames: quiet runs where a window may end, longest first (sentences, words)
-FILL_MIN = 1500  # frames: a packed window ends at a gap no earlier than 15 s in
-CUT_SEARCH = 500  # frames: with no gap there, the quietest point of a window's last 5 s
-BREAK_MIN = 500  # frames: a window ends where 5 s or more of the file were dropped
 SPLIT_MIN = 500  # frames: what is left of a looping window is decoded again, as two if each half has 5 s
 HOLD_MARGIN = 100  # frames: a packed window may end once a timestamp is within 1 s of its last sound
-
-
-def quiet_frames(energy: np.ndarray) -> np.ndarray:
-    """Which frames are quiet: 35 dB under the file's speech level (the 98th percentile of
-    its ``energy``, :func:`frame_energy`) or under -80 dBFS. Noisy audio has few or none."""
-    if not len(energy):
-        return np.zeros(0, bool)
-    return energy < max(float(np.percentile(energy, 98)) - QUIET_BELOW_LEVEL, QUIET_FLOOR)
-
-
-def quiet_runs(quiet: np.ndarray) -> np.ndarray:
-    """``[start, end)`` of each run of quiet frames, ``[runs, 2]``."""
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], quiet.astype(np.int8), [0]])))
-    return edges.reshape(-1, 2)
-
-
-def speech_spans(quiet: np.ndarray, start: int, end: int) -> list[tuple[int, int]]:
-    """The frames of ``[start, end)`` worth decoding: all but the middle of its pauses.
-
-    A run of ``quiet`` frames 0.3 s or longer is a pause: its first and last 0.2 s are kept,
-    the rest dropped (a 60 s silence becomes 0.4 s, as a 1.2 s pause does); quiet at the
-    range's ends is dropped but for the 0.2 s next to the speech. Audio with no quiet run
-    keeps everything. Returns ``[start, end)`` spans in order, empty when all is quiet.
-    """
-    n = max(0, end - start)
-    spans, kept = [], 0  # kept: where the audio not yet dropped begins
-    for qs, qe in quiet_runs(quiet[start:end]).tolist():
-        lo = 0 if qs == 0 else qs + PAUSE_KEEP  # drop [lo, hi)
-        hi = n if qe == n else qe - PAUSE_KEEP
-        if qe - qs < PAUSE_MIN or hi <= lo:
-            continue
-        if lo > kept:
-            spans.append((start + kept, start + lo))
-        kept = hi
-    if kept < n:
-        spans.append((start + kept, start + n))
-    return spans
-
-
-@dataclasses.dataclass(frozen=True)
-class Timeline:
-    """Spans of a file laid end to end (the audio batched mode decodes), and the way back."""
-
-    spans: tuple[tuple[int, int], ...]  # [start, end) frames of the file, in order
-
-    @functools.cached_property
-    def packed_starts(self) -> np.ndarray:
-        lengths = np.array([e - s for s, e in self.spans], np.int64)
-        return np.concatenate([[0], np.cumsum(lengths)])
-
-    @property
-    def frames(self) -> int:
-        return int(self.packed_starts[-1])
-
-    def to_source(self, seconds: float, end: bool = False) -> float:
-        """A packed time in seconds → the file's. A time on a seam is the next span's start,
-        or with ``end`` the previous span's end (so a segment keeps to the speech it covers)."""
-        if not self.spans:
-            return seconds
-        frame = seconds * FRAMES_PER_SECOND
-        side = "left" if end else "right"
-        i = int(np.clip(np.searchsorted(self.packed_starts, frame, side) - 1, 0, len(self.spans) - 1))
-        return float(self.spans[i][0] + frame - self.packed_starts[i]) / FRAMES_PER_SECOND
-
-    def audio(self, audio: np.ndarray) -> np.ndarray:
-        return np.concatenate([audio[s * HOP_LENGTH : e * HOP_LENGTH] for s, e in self.spans] or [audio[:0]])
-
-    def breaks(self, dropped: int) -> np.ndarray:
-        """Packed frames where at least ``dropped`` frames of the file were left out."""
-        gaps = np.array([b[0] - a[1] for a, b in zip(self.spans, self.spans[1:])], np.int64)
-        return self.packed_starts[1:-1][gaps >= dropped]
-
-    def frames_of(self, values: np.ndarray) -> np.ndarray:
-        """Per-frame ``values`` of the file, those of the packed audio."""
-        return np.concatenate([values[s:e] for s, e in self.spans] or [values[:0]])
-
-
-class WindowCuts:
-    """Where batched mode ends the windows of packed audio, from its frames' ``quiet`` and ``energy``.
-
-    A window ends in the middle of the last gap that lies 15-30 s after its start: a quiet run
-    of 0.15 s or more (a pause, the end of a sentence) if there is one, else one of 0.08 s (a
-    comma, a breath between words), else the quietest 0.2 s of its last 5 s. It always ends at
-    a ``break`` (where 5 s or more of the file were dropped): in one window the model reads the
-    speech on both sides of a shortened silence as one segment, shown all through the silence.
-    """
-
-    def __init__(self, quiet: np.ndarray, energy: np.ndarray, breaks: np.ndarray = np.zeros(0, np.int64)):
-        runs = quiet_runs(quiet)
-        lengths, middles = runs[:, 1] - runs[:, 0], (runs[:, 0] + runs[:, 1]) // 2
-        self.tiers = [middles[lengths >= n] for n in GAP_TIERS]
-        self.smooth = np.convolve(energy, np.ones(20) / 20, mode="same") if len(energy) else energy
-        self.quiet, self.breaks = quiet, np.asarray(breaks)
-
-    def end(self, start: int, limit: int) -> int:
-        """The end of the window that starts at ``start``, in a stretch that ends at ``limit``."""
-        ahead = self.breaks[(self.breaks > start) & (self.breaks < limit)]
-        limit = int(ahead.min()) if len(ahead) else limit
-        if limit - start <= N_FRAMES:
-            return limit
-        for gaps in self.tiers:
-            inside = gaps[(gaps >= start + FILL_MIN) & (gaps <= start + N_FRAMES)]
-            if len(inside):
-                return int(inside[-1])
-        lo = start + N_FRAMES - CUT_SEARCH
-        return lo + 1 + int(np.argmin(self.smooth[lo + 1 : start + N_FRAMES + 1]))
-
-    def windows(self) -> list[tuple[int, int]]:
-        """``[start, end)`` of every window, one after another, covering the packed audio."""
-        total, out = len(self.smooth), []
-        while not out or out[-1][1] < total:
-            start = out[-1][1] if out else 0
-            out.append((start, self.end(start, total)))
-        return out if total else []
-
-    def middle(self, start: int, stop: int) -> int:
-        """Where to cut ``[start, stop)`` in two: the gap nearest its middle (the longest kind
-        within its middle third), else the quietest 0.2 s there."""
-        lo, hi = start + (stop - start) // 3, stop - (stop - start) // 3
-        for gaps in self.tiers:
-            inside = gaps[(gaps >= lo) & (gaps <= hi)]
-            if len(inside):
-                return int(inside[np.argmin(np.abs(inside - (start + stop) // 2))])
-        return lo + int(np.argmin(self.smooth[lo:hi]))
-
-    def sound_end(self, start: int, stop: int) -> int:
-        """Where the last frame of ``[start, stop)`` that is not quiet ends (``start`` if none)."""
-        loud = np.flatnonzero(~self.quiet[start:stop])
-        return start + int(loud[-1]) + 1 if len(loud) else start
-
-
-def loop_start(tokens: np.ndarray, timestamp_begin: int) -> int:
-    """Where the repetition that a looping row ended in begins (every timestamp counted as
-    the same token, as :func:`~whisperjax_cli.decoding.repeats_itself`); ``len(tokens)`` if
-    its last ``LOOP_SPAN`` tokens do not repeat."""
-    from whisperjax_cli.decoding import LOOP_MAX_PERIOD, LOOP_SPAN
-
-    t = np.minimum(tokens, timestamp_begin)
-    n = len(t)
-    for p in range(1, LOOP_MAX_PERIOD + 1):
-        if n >= LOOP_SPAN + p and np.array_equal(t[n - LOOP_SPAN :], t[n - LOOP_SPAN - p : n - p]):
-            start = n - LOOP_SPAN - p
-            while start > 0 and t[start - 1] == t[start - 1 + p]:
-                start -= 1
-            return start
-    return n
-
-
-def group_windows(windows: list, groups: int) -> list[list]:
-    """``windows`` in ``groups`` runs of consecutive ones, as equal in number as can be."""
-    groups = max(1, min(groups, len(windows)))
-    bounds = [len(windows) * i // groups for i in range(groups + 1)]
-    return [windows[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 class Transcriber:
@@ -403,13 +229,13 @@ class Transcriber:
                                         self.options.without_timestamps, self.model.dims.n_text_ctx)
             prompts.append(prompt)
             sizes.append(size)
-            holds.append(f.hold(s, size) if f.cuts is not None else 0)
+            holds.append(f.hold(s, size) if f.cuts is not None else None)
         if not streams:
             return
         audio = self.decoder.encode(np.stack(mels))
         self.key, sub = self.key.split()
         results = self.decoder.decode(audio, len(streams), prompts, tail, sub,
-                                      holds if self.mode == "batched" else None)
+                                      holds if self.mode == "batched" else None)  # a mode's files all have cuts or none
         for s, size, result in zip(streams, sizes, results):
             self._advance(files[s.file], s, size, result)
 
