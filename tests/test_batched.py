@@ -105,7 +105,8 @@ def test_loop_start_finds_where_the_repeats_begin():
 
 def test_a_looping_window_keeps_its_closed_segments_and_is_decoded_again_in_halves(tiny_en):
     from whisperjax_cli.packing import WindowCuts
-    from whisperjax_cli.transcribe import _File, _Stream, make_transcriber
+    from whisperjax_cli.streams import FileState, Stream
+    from whisperjax_cli.transcribe import make_transcriber
     from whisperjax_cli.window_decoder import DecodingResult
 
     tok = tiny_en.tokenizer
@@ -120,8 +121,8 @@ def test_a_looping_window_keeps_its_closed_segments_and_is_decoded_again_in_halv
     quiet[1300:1320] = True  # a gap in the middle of what is left
     cuts = WindowCuts(quiet, np.where(quiet, -8.0, -2.0))
     transcriber = make_transcriber(tiny_en, mode="batched")
-    f = _File(0, None, None, 2500, "en", None, (), [], None, 2500, cuts)
-    stream = _Stream(0, [(0, 2500)], [], packed=True)
+    f = FileState(0, None, None, 2500, "en", None, (), [], None, 2500, cuts)
+    stream = Stream(0, [(0, 2500)], [], packed=True)
     hello = tok.encode(" Hello there.")
     transcriber._advance(f, stream, 2500, looping(ts(0), *hello, ts(1.5), ts(2.0)))
     assert [(s.start, s.end, s.text) for s in stream.segments] == [(0.0, 1.5, " Hello there.")]

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import CLIPS, faster_whisper_model
 from whisperjax_cli.packing import ENERGY_BLOCK, frame_energy
-from whisperjax_cli.transcribe import _Stream, transcribe, transcribe_files, transcribe_segments
+from whisperjax_cli.streams import Stream
+from whisperjax_cli.transcribe import transcribe, transcribe_files, transcribe_segments
 from whisperjax_cli.writers import get_writer
 
 
@@ -179,7 +180,7 @@ def test_a_window_skipped_as_silence_resets_the_prompt_only_if_it_had_text(tiny_
 
     transcriber = make_transcriber(tiny_en)
     for text, reset in ((" and the", True), ("", False)):
-        stream = _Stream(0, [(0, 9000)], [1, 2, 3])
+        stream = Stream(0, [(0, 9000)], [1, 2, 3])
         result = DecodingResult([], text, -3.0, -1.5, 0.9, 0.0, 1.0)
         transcriber._advance(None, stream, 3000, result)
         assert stream.seek == 3000 and stream.segments == []

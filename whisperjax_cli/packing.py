@@ -13,10 +13,7 @@ import functools
 
 import numpy as np
 
-from whisperjax_cli.audio import SAMPLE_RATE
-from whisperjax_cli.features import HOP_LENGTH, N_FRAMES
-
-FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
+from whisperjax_cli.features import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES
 
 ENERGY_BLOCK = 6000  # frames (60 s) per step of frame_energy
 

@@ -19,114 +19,23 @@ batch, refilling a row as soon as its stream ends.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import jax
 import numpy as np
 
-from whisperjax_cli.audio import SAMPLE_RATE, load_audio
+from whisperjax_cli.audio import load_audio
 from whisperjax_cli.decoding import language_logits, language_probs, loop_start
-from whisperjax_cli.features import HOP_LENGTH, N_FRAMES, N_SAMPLES, LogMelWindows, first_window, model_window
+from whisperjax_cli.features import (FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, LogMelWindows, first_window,
+                                     model_window)
 from whisperjax_cli.packing import (BREAK_MIN, Timeline, WindowCuts, frame_energy, group_windows, quiet_frames,
                                    speech_spans)
 from whisperjax_cli.results import Segment, Transcript
+from whisperjax_cli.streams import FileEvent, FileState, Stream, parse_clip_timestamps
 from whisperjax_cli.window_decoder import DecodingOptions, LazyKey, WindowDecoder, build_prompt
 
-FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
 SECONDS_PER_TOKEN = 0.02  # timestamp resolution: 2 mel frames per encoder position
 MODES = ("sequential", "batched")
-
-
-@dataclasses.dataclass
-class _Stream:
-    """OpenAI's per-file loop state, for one stretch ``clips`` of a file's mel."""
-
-    file: int
-    clips: list[tuple[int, int]]  # [start, end) mel frames to decode
-    prompt: list[int]  # all_tokens (initial prompt included)
-    prompt_reset_since: int = 0
-    clip_index: int = 0
-    seek: int = 0
-    segments: list[Segment] = dataclasses.field(default_factory=list)
-    done: bool = False
-    packed: bool = False  # batched mode: each clip is a window, decoded once
-    split: set = dataclasses.field(default_factory=set)  # clips that are halves of a looped window
-
-    def __post_init__(self):
-        self.seek = self.clips[0][0] if self.clips else 0
-        self._advance()
-
-    def _advance(self) -> None:
-        """Moves past finished clips (OpenAI's clip loop); marks the stream done at the end."""
-        while self.clip_index < len(self.clips):
-            start, end = self.clips[self.clip_index]
-            self.seek = max(self.seek, start)
-            if self.seek < end:
-                return
-            self.clip_index += 1
-        self.done = True
-
-    @property
-    def clip_end(self) -> int:
-        return self.clips[self.clip_index][1]
-
-
-@dataclasses.dataclass
-class _File:
-    index: int
-    source: Any
-    mel: LogMelWindows  # log-mel on demand, 30 s of zero audio appended (as OpenAI)
-    content_frames: int  # of the audio decoded (in batched mode, the packed audio)
-    language: Optional[str]
-    language_probability: Optional[float]
-    sot_sequence: tuple[int, ...]
-    streams: list[_Stream]
-    timeline: Optional[Timeline] = None  # batched mode: where the packed audio comes from
-    source_frames: Optional[int] = None  # the file's own length, when packed
-    cuts: Optional[WindowCuts] = None  # batched mode: where its windows end
-    emitted: int = 0  # segments already handed out
-
-    @property
-    def duration(self) -> float:
-        return (self.content_frames if self.source_frames is None else self.source_frames) / FRAMES_PER_SECOND
-
-    def to_source(self, seconds: float, end: bool = False) -> float:
-        return seconds if self.timeline is None else self.timeline.to_source(seconds, end)
-
-    def window_size(self, s: _Stream) -> int:
-        """Frames of the stream's next window: 30 s, or to its clip's end (a packed window's)."""
-        return min(N_FRAMES, self.content_frames - s.seek, s.clip_end - s.seek)
-
-    def hold(self, s: _Stream, size: int) -> int:
-        """The timestamp index before which the model may not end a packed window: 1 s before
-        the end of its last sound (see :func:`~whisperjax_cli.timestamps.hold_end_of_text`)."""
-        end = self.cuts.sound_end(s.seek, s.seek + size) - s.seek
-        return max(0, end - HOLD_MARGIN) // 2
-
-
-@dataclasses.dataclass
-class FileEvent:
-    """What :func:`transcribe_files` yields: new segments of a file, its end, or its error."""
-
-    index: int
-    source: Any
-    segments: list[Segment]
-    transcript: Optional[Transcript] = None  # set once the file is complete
-    error: Optional[Exception] = None
-    language: Optional[str] = None
-
-
-def parse_clip_timestamps(clip_timestamps, content_frames: int) -> list[tuple[int, int]]:
-    """``"0"``, ``"10,20,40"`` or a list of seconds → [start, end) frame pairs (OpenAI)."""
-    if isinstance(clip_timestamps, str):
-        values = [float(t) for t in clip_timestamps.split(",") if t.strip()]
-    else:
-        values = [float(t) for t in (clip_timestamps or [0.0])]
-    frames = [round(t * FRAMES_PER_SECOND) for t in values] or [0]
-    if len(frames) % 2 == 1:
-        frames.append(content_frames)
-    return [(min(s, content_frames), min(e, content_frames)) for s, e in zip(frames[::2], frames[1::2])]
 
 
 SILENCE_PEAK = 10 ** (-80 / 20)  # -80 dBFS: below any recording's noise floor
@@ -142,7 +51,6 @@ def is_digital_silence(samples: np.ndarray) -> bool:
 
 
 SPLIT_MIN = 500  # frames: what is left of a looping window is decoded again, as two if each half has 5 s
-HOLD_MARGIN = 100  # frames: a packed window may end once a timestamp is within 1 s of its last sound
 
 
 class Transcriber:
@@ -168,7 +76,7 @@ class Transcriber:
 
     # ------------------------------------------------------------ files and streams
 
-    def open_file(self, index: int, source, sample_rate: Optional[int] = None) -> _File:
+    def open_file(self, index: int, source, sample_rate: Optional[int] = None) -> FileState:
         if callable(source):  # a loader: the caller decodes lazily and names its own errors
             audio = source()
         elif isinstance(source, np.ndarray) and sample_rate is None:
@@ -195,11 +103,11 @@ class Transcriber:
             # Conditioned on previous text, a row decodes a run of consecutive windows; without,
             # every window is its own stream and rows refill from any of them.
             groups = group_windows(clips, self.batch_size) if self.condition else [[c] for c in clips]
-            streams = [_Stream(index, g, list(self.initial_tokens), packed=True) for g in groups]
-            return _File(index, source, mel, content_frames, language, probability, sot, streams, timeline,
+            streams = [Stream(index, g, list(self.initial_tokens), packed=True) for g in groups]
+            return FileState(index, source, mel, content_frames, language, probability, sot, streams, timeline,
                          source_frames, cuts)
-        streams = [_Stream(index, clips, list(self.initial_tokens))]
-        return _File(index, source, mel, content_frames, language, probability, sot, streams)
+        streams = [Stream(index, clips, list(self.initial_tokens))]
+        return FileState(index, source, mel, content_frames, language, probability, sot, streams)
 
     def _language(self, mel: LogMelWindows, content_frames: int) -> tuple[Optional[str], Optional[float]]:
         tok = self.model.tokenizer
@@ -216,7 +124,7 @@ class Transcriber:
 
     # ------------------------------------------------------------ one window of many streams
 
-    def step(self, files: dict[int, _File], streams: list[_Stream]) -> None:
+    def step(self, files: dict[int, FileState], streams: list[Stream]) -> None:
         """Decodes the next window of each stream (one batch) and advances them."""
         streams = [s for s in streams if not self._skip_if_silent(files[s.file], s)]
         mels, prompts, sizes, holds = [], [], [], []
@@ -239,16 +147,16 @@ class Transcriber:
         for s, size, result in zip(streams, sizes, results):
             self._advance(files[s.file], s, size, result)
 
-    def _skip_if_silent(self, f: _File, s: _Stream) -> bool:
+    def _skip_if_silent(self, f: FileState, s: Stream) -> bool:
         """Moves past a window of digital silence without decoding it (see is_digital_silence)."""
         size = f.window_size(s)
         if not is_digital_silence(f.mel.audio[s.seek * HOP_LENGTH : (s.seek + size) * HOP_LENGTH]):
             return False
         s.seek += size
-        s._advance()
+        s.advance()
         return True
 
-    def _advance(self, f: _File, s: _Stream, size: int, result) -> None:
+    def _advance(self, f: FileState, s: Stream, size: int, result) -> None:
         """OpenAI's per-window bookkeeping: skip silence, cut segments, move ``seek``."""
         o = self.options
         silent = o.no_speech_threshold is not None and result.no_speech_prob > o.no_speech_threshold
@@ -276,9 +184,9 @@ class Transcriber:
             # or digit (". . . ." over noise) resets it too, or every later window repeats it.
             if not self.condition or result.temperature > 0.5 or not any(c.isalnum() for c in result.text):
                 s.prompt_reset_since = len(s.prompt)
-        s._advance()
+        s.advance()
 
-    def _split(self, f: _File, s: _Stream) -> None:
+    def _split(self, f: FileState, s: Stream) -> None:
         """The rest of a window that looped, as two windows cut at a gap near its middle: tiny.en
         loops on some 20-30 s windows from their first token ("NnNnNn...") and reads either
         half of the same audio right. The halves are not split again."""
@@ -290,7 +198,7 @@ class Transcriber:
         s.clips[s.clip_index : s.clip_index + 1] = [(s.clips[s.clip_index][0], start), *halves]
         s.split.update(halves)
 
-    def _segments(self, f: _File, s: _Stream, size: int, result, split: bool = False) -> tuple[list[Segment], int]:
+    def _segments(self, f: FileState, s: Stream, size: int, result, split: bool = False) -> tuple[list[Segment], int]:
         """Splits one window's tokens at timestamp pairs; returns (segments, frames to seek).
 
         A ``packed`` stream's window (batched mode) is decoded once: text after the last pair
@@ -340,7 +248,7 @@ class Transcriber:
             advance = size
         return segments, advance
 
-    def _segment(self, f: _File, seek, size, start, end, tokens: np.ndarray, result) -> Segment:
+    def _segment(self, f: FileState, seek, size, start, end, tokens: np.ndarray, result) -> Segment:
         # Past the window's content the model sees zero padding and may still place timestamps
         # there; clipping keeps every time inside the audio (and inside a packed window).
         limit = (seek + size) / FRAMES_PER_SECOND
@@ -364,7 +272,7 @@ class Transcriber:
         """Transcribes ``sources`` (paths, file objects or arrays), yielding events in file order
         per file; a file that cannot be read yields one event with ``error`` and the rest go on."""
         pending = iter(enumerate(sources))
-        files: dict[int, _File] = {}
+        files: dict[int, FileState] = {}
         exhausted = False
         while True:
             while not exhausted and sum(not s.done for f in files.values() for s in f.streams) < self.batch_size:
@@ -389,7 +297,7 @@ class Transcriber:
             if not active and exhausted and not files:
                 return
 
-    def _flush(self, f: _File) -> Optional[FileEvent]:
+    def _flush(self, f: FileState) -> Optional[FileEvent]:
         """New segments of ``f`` in time order (streams in order, up to the first unfinished)."""
         ready: list[Segment] = []
         for s in f.streams:
