@@ -21,7 +21,8 @@ each (``jax.random.PRNGKey(seed)`` here, so our rows repeat exactly from run to 
 faster-whisper's passes call ``ctranslate2.set_random_seed(seed)``, but that does not make
 CTranslate2's sampling repeatable (OpenNMT/CTranslate2#1757): its rows move between runs of this
 same command (mean WER of its greedy row 22.8-35.6 % over five runs), so compare means over many
-passes rather than one run's. The machine's own speed also drifts (20-25 % between hours here),
+passes rather than one run's; the last lines give each wjx row's difference from all passes of
+its faster-whisper row with a 90 % bootstrap interval, the room the draws leave. The machine's own speed also drifts (20-25 % between hours here),
 so each wjx row runs alternately with the faster-whisper row it is compared with (greedy rows and
 batched with fw-greedy, beam with fw-beam5): per seed one faster-whisper pass, then one wjx pass,
 and the ratio printed next to the row is over those passes alone; the fw rows at the end pool
@@ -123,6 +124,16 @@ def compile_programs(model, **kwargs) -> None:
             for temperature in temperatures:
                 decoder._decode_rows(audio, list(range(n)), [prompt] * n, tail, temperature, LazyKey(jax.random.PRNGKey(0)),
                                      [0] * n if batched else None)
+
+
+def difference_interval(ours: list[float], theirs: list[float], level: float = 0.9, draws: int = 20_000):
+    """Bootstrap interval of ``mean(ours) - mean(theirs)`` (passes resampled on each side
+    independently): how far a run's difference of means could move with other draws."""
+    rng = np.random.default_rng(0)
+    a = np.asarray(ours)[rng.integers(0, len(ours), (draws, len(ours)))].mean(axis=1)
+    b = np.asarray(theirs)[rng.integers(0, len(theirs), (draws, len(theirs)))].mean(axis=1)
+    lo, hi = np.quantile(a - b, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 def prepare_ours(model, audio, **kwargs) -> None:
@@ -252,7 +263,7 @@ def main() -> int:
     def summary(runs):
         wers = [wer(reference, text) for text, _ in runs]
         secs = [seconds for _, seconds in runs]
-        return dict(wer=float(np.mean(wers)), wers=wers, seconds=float(np.mean(secs)), all_seconds=secs,
+        return dict(wer=float(np.mean(wers)), median_wer=float(np.median(wers)), wers=wers, seconds=float(np.mean(secs)), all_seconds=secs,
                     rtfx=duration / float(np.mean(secs)))
 
     def line(name, r, note):
@@ -280,11 +291,15 @@ def main() -> int:
             r = results[fw_name] = summary(runs)
             print(line(fw_name, r, f"(all {len(runs)} passes)"), flush=True)
             (OUT / f"{fw_name}{suffix}.txt").write_text(runs[0][0])
-    if "fw-greedy" in results:
-        base = results["fw-greedy"]
-        for name, r in results.items():
-            print(f"{name:16} vs fw-greedy (all its passes): speed {r['rtfx'] / base['rtfx']:.2f}x, "
-                  f"WER delta {r['wer'] - base['wer']:+.2f}")
+    for name, r in results.items():  # each wjx row against every pass of its faster-whisper row
+        if "alongside" not in r:
+            continue
+        base = results[r["alongside"]["row"]]
+        lo, hi = r["wer_delta_interval"] = difference_interval(r["wers"], base["wers"])
+        print(f"{name:16} vs {r['alongside']['row']} (all {len(base['wers'])} passes): speed "
+              f"{r['rtfx'] / base['rtfx']:.2f}x, WER delta {r['wer'] - base['wer']:+.2f} "
+              f"(90 % bootstrap interval [{lo:+.2f}, {hi:+.2f}]), medians {r['median_wer']:.2f} vs "
+              f"{base['median_wer']:.2f}")
     (OUT / f"longform{suffix}.json").write_text(json.dumps(results, indent=1))
     runs = []
     for hours in args.memory_hours:
