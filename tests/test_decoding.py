@@ -338,3 +338,14 @@ def test_when_every_temperature_fails_the_likeliest_not_repetitive_result_is_kep
     scripted[1.0] = (-1.8, 1.2)  # a result under the compression threshold exists
     (kept,) = decoder.decode(None, 1, [[1]], 1, jax.random.PRNGKey(0))
     assert kept.text == "t1.0" and kept.temperature == 1.0
+
+
+def test_compression_ratio_is_of_the_stripped_text_as_openai_and_faster_whisper(tiny_en):
+    """Both measure ``decode(tokens).strip()``; the leading space moves the ratio near 2.4."""
+    from whisperjax_cli.window_decoder import DecodingOptions, WindowDecoder
+
+    decoder = WindowDecoder(tiny_en, DecodingOptions())
+    ids = tiny_en.tokenizer.encode(" the quick brown fox") + [tiny_en.tokenizer.eot]
+    r = decoder._result(np.asarray(ids), -1.0, 0.1, 0.0)
+    assert r.text == " the quick brown fox"
+    assert r.compression_ratio == compression_ratio("the quick brown fox") != compression_ratio(r.text)

@@ -276,8 +276,9 @@ class WindowDecoder:
         eot = np.flatnonzero(tokens == self.tokenizer.eot)
         ids = tokens[: eot[0] if len(eot) else len(tokens)].tolist()
         text = self.tokenizer.decode(ids)
+        # The compression ratio of the stripped text, as OpenAI's and faster-whisper's.
         return DecodingResult(ids, text, float(sum_logprob), float(sum_logprob) / (len(ids) + 1),
-                              float(no_speech), temperature, compression_ratio(text), looped)
+                              float(no_speech), temperature, compression_ratio(text.strip()), looped)
 
     def _best(self, candidates: list[DecodingResult]) -> DecodingResult:
         """OpenAI's MaximumLikelihoodRanker: sum logprob over a length penalty."""
