@@ -22,9 +22,9 @@ faster-whisper's passes call ``ctranslate2.set_random_seed(seed)``, but that doe
 CTranslate2's sampling repeatable (OpenNMT/CTranslate2#1757): its rows move between runs of this
 same command (mean WER of its greedy row 22.8-35.6 % over five runs), so compare means over many
 passes rather than one run's; the last lines give each wjx row's difference from all passes of
-its faster-whisper row with a 90 % bootstrap interval, the room the draws leave. The machine's own speed also drifts (20-25 % between hours here),
-so each wjx row runs alternately with the faster-whisper row it is compared with (greedy rows and
-batched with fw-greedy, beam with fw-beam5): per seed one faster-whisper pass, then one wjx pass,
+its faster-whisper row with a 90 % bootstrap interval, the room the draws leave. The machine's
+own speed also drifts (20-25 % between hours here), so each wjx row runs alternately with the
+faster-whisper row it is compared with (greedy rows and batched with fw-greedy, beam with fw-beam5): per seed one faster-whisper pass, then one wjx pass,
 and the ratio printed next to the row is over those passes alone; the fw rows at the end pool
 every pass they made. Before timing, wjx runs one untimed pass over the whole audio, so
 the prompt and batch buckets it compiles are not counted (every decode program it may meet is
@@ -263,8 +263,8 @@ def main() -> int:
     def summary(runs):
         wers = [wer(reference, text) for text, _ in runs]
         secs = [seconds for _, seconds in runs]
-        return dict(wer=float(np.mean(wers)), median_wer=float(np.median(wers)), wers=wers, seconds=float(np.mean(secs)), all_seconds=secs,
-                    rtfx=duration / float(np.mean(secs)))
+        return dict(wer=float(np.mean(wers)), median_wer=float(np.median(wers)), wers=wers,
+                    seconds=float(np.mean(secs)), all_seconds=secs, rtfx=duration / float(np.mean(secs)))
 
     def line(name, r, note):
         return (f"{name:16} {r['wer']:6.2f} [{min(r['wers']):6.2f}, {max(r['wers']):6.2f}] "
