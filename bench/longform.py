@@ -15,20 +15,21 @@ minutes of English that no test tunes to. WER is computed under Whisper's Englis
 normalizer (the ``whisper-normalizer`` package) with jiwer. RTFx = audio seconds / mean wall seconds.
 
 Fallback sampling (temperature > 0) is random on both sides, and one window's draw changes the
-prompt of every later one, so a single run of either side moves by several WER points and tens
-of percent in time. Each row is therefore the mean of ``--seeds`` timed passes, one sampling seed
-each (``jax.random.PRNGKey(seed)`` here, so our rows repeat exactly from run to run).
-faster-whisper's passes call ``ctranslate2.set_random_seed(seed)``, but that does not make
-CTranslate2's sampling repeatable (OpenNMT/CTranslate2#1757): its rows move between runs of this
-same command (mean WER of its greedy row 22.8-35.6 % over five runs), so compare means over many
-passes rather than one run's; the last lines give each wjx row's difference from all passes of
-its faster-whisper row with a 90 % bootstrap interval, the room the draws leave. The machine's
-own speed also drifts (20-25 % between hours here), so each wjx row runs alternately with the
-faster-whisper row it is compared with (greedy rows and batched with fw-greedy, beam with fw-beam5): per seed one faster-whisper pass, then one wjx pass,
-and the ratio printed next to the row is over those passes alone; the fw rows at the end pool
-every pass they made. Before timing, wjx runs one untimed pass over the whole audio, so
-the prompt and batch buckets it compiles are not counted (every decode program it may meet is
-compiled first, or loaded from the on-disk cache); faster-whisper warms up on the first minute.
+prompt of every later one, so a single run of either side moves by several WER points and tens of
+percent in time. Each row is therefore the mean of ``--seeds`` timed passes, one sampling seed each
+(``jax.random.PRNGKey(seed)`` here, so our rows repeat exactly from run to run). faster-whisper's
+passes call ``ctranslate2.set_random_seed(seed)``, but that does not make CTranslate2's sampling
+repeatable (OpenNMT/CTranslate2#1757): its rows move between runs of this same command (mean WER of
+its greedy row 22.8-35.6 % over five runs), so compare means over many passes rather than one
+run's; the last lines give each wjx row's difference from all passes of its faster-whisper row with
+a 90 % bootstrap interval, the room the draws leave. The machine's own speed also drifts (20-25 %
+between hours here), so each wjx row runs alternately with the faster-whisper row it is compared
+with (greedy rows and batched with fw-greedy, beam with fw-beam5): per seed one faster-whisper
+pass, then one wjx pass, and the ratio printed next to the row is over those passes alone; the fw
+rows at the end pool every pass they made. Before timing, wjx runs one untimed pass over the whole
+audio, so the prompt and batch buckets it compiles are not counted (every decode program it may
+meet is compiled first, or loaded from the on-disk cache); faster-whisper warms up on the first
+minute.
 
 With ``--memory-hours H [H ...]`` it also synthesises H-hour inputs (the speech at its start and
 its end, dither under -80 dBFS between, which is skipped undecoded, so a run takes a minute, not
