@@ -30,8 +30,8 @@ def main() -> int:
     from faster_whisper import WhisperModel as FasterWhisper
 
     from whisperjax_cli.audio import load_audio
-    from whisperjax_cli.models import load_model
-    from whisperjax_cli.transcribe import transcribe
+    from whisperjax_cli.loading import load_model
+    from whisperjax_cli.longform import transcribe
 
     clips = sorted(p for p in glob.glob(args.clips) if not p.endswith("NOTICE"))
     audios = [load_audio(p) for p in clips]

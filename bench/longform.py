@@ -110,9 +110,10 @@ def compile_programs(model, **kwargs) -> None:
 
     from whisperjax_cli.window_decoder import BATCH_BUCKETS, PROMPT_BUCKETS, LazyKey, build_prompt
     from whisperjax_cli.features import N_FRAMES
-    from whisperjax_cli.transcribe import make_transcriber
+    from whisperjax_cli.longform import Transcriber
+    from whisperjax_cli.options import TranscribeOptions
 
-    transcriber = make_transcriber(model, **kwargs)
+    transcriber = Transcriber(model, TranscribeOptions(**kwargs))
     decoder, tok = transcriber.decoder, model.tokenizer
     batched = transcriber.mode == "batched"  # its decodes hold end-of-text back: programs of their own
     temperatures = (0.0, 0.2) if len(transcriber.options.temperatures) > 1 else transcriber.options.temperatures
@@ -142,7 +143,7 @@ def prepare_ours(model, audio, **kwargs) -> None:
     whole audio."""
     import jax
 
-    from whisperjax_cli.transcribe import transcribe
+    from whisperjax_cli.longform import transcribe
 
     compile_programs(model, **kwargs)
     transcribe(model, audio, key=jax.random.PRNGKey(10_000), **kwargs)
@@ -152,7 +153,7 @@ def pass_ours(model, audio, seed, **kwargs) -> tuple[str, float]:
     """One timed pass; ``seed`` is the PRNG key of the fallback samples."""
     import jax
 
-    from whisperjax_cli.transcribe import transcribe
+    from whisperjax_cli.longform import transcribe
 
     t0 = time.perf_counter()
     text = transcribe(model, audio, key=jax.random.PRNGKey(seed), **kwargs).text
@@ -180,8 +181,8 @@ def peak_mb():
         return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')) / 1024
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-from whisperjax_cli.models import load_model
-from whisperjax_cli.transcribe import transcribe_files
+from whisperjax_cli.loading import load_model
+from whisperjax_cli.longform import transcribe_files
 speech = sf.read({str(OUT / 'longform.wav')!r}, dtype='float32')[0]
 n = int({hours} * 3600 * 16000)
 # The speech at the start and at the end; between them dither far below -80 dBFS (real, resident
@@ -222,7 +223,7 @@ def main() -> int:
 
     from faster_whisper import WhisperModel as FasterWhisper
 
-    from whisperjax_cli.models import load_model, throughput_dtype
+    from whisperjax_cli.loading import load_model, throughput_dtype
     from whisperjax_cli.runtime import clear_programs
 
     OUT.mkdir(parents=True, exist_ok=True)

@@ -88,7 +88,7 @@ def main() -> int:
     parser.add_argument("--model", default="tiny.en")
     args = parser.parse_args()
 
-    from whisperjax_cli.models import resolve_model
+    from whisperjax_cli.hub import resolve_model
 
     model_dir = resolve_model(args.model)
     # PYTHONDONTWRITEBYTECODE (set in some sandboxes) is dropped: with an editable install it

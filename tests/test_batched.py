@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from whisperjax_cli.transcribe import transcribe
+from whisperjax_cli.longform import transcribe
 
 
 def test_batched_times_are_the_file_s_across_the_silence_it_dropped(tiny_en, clip_audio):
@@ -106,7 +106,8 @@ def test_loop_start_finds_where_the_repeats_begin():
 def test_a_looping_window_keeps_its_closed_segments_and_is_decoded_again_in_halves(tiny_en):
     from whisperjax_cli.packing import WindowCuts
     from whisperjax_cli.streams import FileState, Stream
-    from whisperjax_cli.transcribe import make_transcriber
+    from whisperjax_cli.longform import Transcriber
+    from whisperjax_cli.options import TranscribeOptions
     from whisperjax_cli.window_decoder import DecodingResult
 
     tok = tiny_en.tokenizer
@@ -120,7 +121,7 @@ def test_a_looping_window_keeps_its_closed_segments_and_is_decoded_again_in_halv
     quiet = np.zeros(2500, bool)
     quiet[1300:1320] = True  # a gap in the middle of what is left
     cuts = WindowCuts(quiet, np.where(quiet, -8.0, -2.0))
-    transcriber = make_transcriber(tiny_en, mode="batched")
+    transcriber = Transcriber(tiny_en, TranscribeOptions(mode="batched"))
     f = FileState(0, None, None, 2500, "en", None, (), [], None, 2500, cuts)
     stream = Stream(0, [(0, 2500)], [], packed=True)
     hello = tok.encode(" Hello there.")
@@ -135,11 +136,12 @@ def test_a_looping_window_keeps_its_closed_segments_and_is_decoded_again_in_halv
 
 
 def test_batched_mode_defaults_are_faster_whisper_s_and_yield_to_explicit_ones(tiny_en):
-    from whisperjax_cli.transcribe import make_transcriber
+    from whisperjax_cli.longform import Transcriber
+    from whisperjax_cli.options import TranscribeOptions
 
-    batched = make_transcriber(tiny_en, mode="batched")
+    batched = Transcriber(tiny_en, TranscribeOptions(mode="batched"))
     assert batched.options.temperatures == (0.0,) and batched.condition is False
-    sequential = make_transcriber(tiny_en)
+    sequential = Transcriber(tiny_en)
     assert len(sequential.options.temperatures) == 6 and sequential.condition is True
-    asked = make_transcriber(tiny_en, mode="batched", temperature=(0.0, 0.5), condition_on_previous_text=True)
+    asked = Transcriber(tiny_en, TranscribeOptions(mode="batched", temperature=(0.0, 0.5), condition_on_previous_text=True))
     assert asked.options.temperatures == (0.0, 0.5) and asked.condition is True

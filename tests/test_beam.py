@@ -7,6 +7,8 @@ driven by a "model" whose logits are a deterministic function of the whole token
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 from pathlib import Path
 
@@ -257,7 +259,8 @@ CT2_DIFFERS = {  # clip: (OpenAI's rules, CTranslate2)
 
 @pytest.fixture(scope="module")
 def tiny_en():
-    from whisperjax_cli.models import bundled_path, load_model
+    from whisperjax_cli.loading import load_model
+    from whisperjax_cli.hub import bundled_path
 
     if bundled_path("tiny.en") is None:
         pytest.skip("the bundled tiny.en package is not installed")
@@ -282,7 +285,7 @@ def _tokens(transcript) -> list[int]:
 )
 def test_beam5_matches_faster_whisper(tiny_en, faster_whisper_tiny_en, clip):
     from whisperjax_cli.audio import load_audio
-    from whisperjax_cli.transcribe import transcribe
+    from whisperjax_cli.longform import transcribe
 
     audio = load_audio(str(DATA / clip))  # one array for both: the resamplers differ
     segments, _ = faster_whisper_tiny_en.transcribe(
@@ -307,14 +310,14 @@ def test_beam5_matches_openai_rules_on_real_weights(tiny_en, clip):
     """Where CTranslate2 differs, the jitted search equals OpenAI's rules in Python over the model's
     logits recomputed from the whole prefix at every step (no cache, so no beam reordering)."""
     from whisperjax_cli.audio import load_audio
-    from whisperjax_cli.beam import beam_search_window
-    from whisperjax_cli.decoding import encode
-    from whisperjax_cli.window_decoder import DecodingOptions, WindowDecoder, left_pad
+    from whisperjax_cli.decoding import BeamConfig, DecodeInputs, decode_window, encode
+    from whisperjax_cli.options import TranscribeOptions
+    from whisperjax_cli.window_decoder import WindowDecoder, left_pad
     from whisperjax_cli.features import N_FRAMES, N_SAMPLES, log_mel_spectrogram
     from whisperjax_cli.model import Whisper, init_cache
 
     tok, module, params = tiny_en.tokenizer, tiny_en.module, tiny_en.params
-    decoder = WindowDecoder(tiny_en, DecodingOptions(beam_size=5, without_timestamps=True, temperatures=(0.0,)))
+    decoder = WindowDecoder(tiny_en, TranscribeOptions(beam_size=5, without_timestamps=True, temperature=0.0))
     config, sample_len = decoder.config, decoder.config.sample_len
     mel = log_mel_spectrogram(load_audio(str(DATA / clip)), tiny_en.n_mels, padding=N_SAMPLES)
     window = np.zeros((1, N_FRAMES, mel.shape[1]), np.float32)
@@ -342,8 +345,9 @@ def test_beam5_matches_openai_rules_on_real_weights(tiny_en, clip):
 
     want_tokens, want_sums, _ = openai_beam_search(logprobs, 1, 5, None, None, sample_len, tok.eot)
     padded, pad = left_pad([prompt], 8, tok.eot)
-    out = beam_search_window(module, params, audio, jnp.asarray(padded), jnp.asarray(pad), jnp.int32(8 - 2),
-                             decoder.suppress_mask, decoder.begin_mask, config, 5, None, None)
+    inputs = DecodeInputs(audio, jnp.asarray(padded), jnp.asarray(pad), jnp.int32(8 - 2), decoder.suppress_mask,
+                          decoder.begin_mask, np.float32(0), np.zeros(2, np.uint32))
+    out = decode_window(module, params, inputs, dataclasses.replace(config, beam=BeamConfig(5)))
     np.testing.assert_array_equal(np.asarray(out.tokens), want_tokens, err_msg=tok.decode(list(want_tokens[0])))
     np.testing.assert_allclose(np.asarray(out.sum_logprobs), want_sums, rtol=1e-4)
     assert tok.decode([t for t in want_tokens[0] if t != tok.eot]) == CT2_DIFFERS[clip][0]
@@ -351,7 +355,7 @@ def test_beam5_matches_openai_rules_on_real_weights(tiny_en, clip):
 
 def test_beam1_is_greedy(tiny_en):
     from whisperjax_cli.audio import load_audio
-    from whisperjax_cli.transcribe import transcribe
+    from whisperjax_cli.longform import transcribe
 
     audio = load_audio(str(DATA / "cards-005.flac"))
     beam = transcribe(tiny_en, audio, beam_size=1, temperature=0.0)
@@ -364,12 +368,13 @@ def test_beams_of_several_audios_are_reordered_within_their_own_rows(tiny_en):
     """Two windows beam-searched in one batch (each audio's beams gathered out of the buffers
     that fold rows and heads together) give each window's tokens and scores alone."""
     from whisperjax_cli.audio import load_audio
-    from whisperjax_cli.beam import beam_search_window
+    from whisperjax_cli.decoding import BeamConfig, DecodeInputs, decode_window
     from whisperjax_cli.features import N_FRAMES, N_SAMPLES, log_mel_spectrogram
-    from whisperjax_cli.window_decoder import DecodingOptions, WindowDecoder, left_pad
+    from whisperjax_cli.options import TranscribeOptions
+    from whisperjax_cli.window_decoder import WindowDecoder, left_pad
 
     tok = tiny_en.tokenizer
-    decoder = WindowDecoder(tiny_en, DecodingOptions(beam_size=5))
+    decoder = WindowDecoder(tiny_en, TranscribeOptions(beam_size=5))
     windows = []
     for clip in ("goforward.flac", "numbers.flac"):
         mel = log_mel_spectrogram(load_audio(str(DATA / clip)), tiny_en.n_mels, padding=N_SAMPLES)
@@ -381,9 +386,10 @@ def test_beams_of_several_audios_are_reordered_within_their_own_rows(tiny_en):
     padded, pad = left_pad(prompts, 8, tok.eot)
 
     def search(rows):
-        return beam_search_window(tiny_en.module, tiny_en.params, audio[rows], padded[rows], pad[rows],
-                                  np.int32(7), decoder.suppress_mask, decoder.begin_mask, decoder.config, 5,
-                                  finish_top_only=True)
+        inputs = DecodeInputs(audio[rows], padded[rows], pad[rows], np.int32(7), decoder.suppress_mask,
+                              decoder.begin_mask, np.float32(0), np.zeros(2, np.uint32))
+        config = dataclasses.replace(decoder.config, beam=BeamConfig(5, finish_top_only=True))
+        return decode_window(tiny_en.module, tiny_en.params, inputs, config)
 
     both = search(np.array([0, 1]))
     for i in (0, 1):

@@ -20,10 +20,10 @@ from conftest import CLIPS, faster_whisper_model
 
 from whisperjax_cli import weights
 from whisperjax_cli.audio import SAMPLE_RATE
-from whisperjax_cli.classify import (
-    ClassifierModel, WhisperClassifier, classify_files, detect_language, head_logits, language_windows,
-    load_classifier, load_classify_model, speech_start,
+from whisperjax_cli.classifier import (
+    ClassifierModel, WhisperClassifier, classify_files, head_logits, load_classifier, load_classify_model,
 )
+from whisperjax_cli.language import detect_language, language_windows, speech_start
 from whisperjax_cli.dims import ModelDimensions
 from whisperjax_cli.errors import AudioError, ModelError, UsageError
 from whisperjax_cli.features import N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim

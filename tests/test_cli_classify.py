@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_invoker, no_model
-from whisperjax_cli import models
+from conftest import cli_invoker, hide_ffmpeg, no_model
+from whisperjax_cli import loading
 from whisperjax_cli.cli_classify import print_classify_table
 
 DATA = Path(__file__).parent / "data"
@@ -28,13 +28,13 @@ CARDS = sorted(DATA.glob("cards-00*.flac"))
 def run(base, tiny_en, monkeypatch, tmp_path):
     """Invokes ``wjx`` in-process in ``tmp_path``; bundled base and tiny.en are the session's."""
     shared = {Path(m.path).resolve(): m for m in (base, tiny_en)}
-    real_load = models.load_model
+    real_load = loading.load_model
 
-    def load_shared(name, dtype=None):
+    def load_shared(name, dtype=None, pending=None):
         found = shared.get(Path(name).resolve()) or {"base": base, "tiny.en": tiny_en}.get(name)
-        return found if found is not None else real_load(name, dtype)
+        return found if found is not None else real_load(name, dtype, pending=pending)
 
-    monkeypatch.setattr(models, "load_model", load_shared)
+    monkeypatch.setattr(loading, "load_model", load_shared)
     return cli_invoker(monkeypatch, tmp_path)
 
 
@@ -54,7 +54,8 @@ def test_json_is_one_line_per_input_best_first(run):
     assert scores == sorted(scores, reverse=True)
 
 
-def test_bad_files_are_reported_and_the_rest_printed(run, tmp_path):
+def test_bad_files_are_reported_and_the_rest_printed(run, tmp_path, monkeypatch):
+    hide_ffmpeg(monkeypatch)  # with ffmpeg, text.wav's error is ffmpeg's (test_cli covers both)
     (tmp_path / "text.wav").write_text("not audio at all\n")
     args = ("classify", "-m", "base", "--batch-size", "1", "-k", "2", "-f", "json")
     result = run(*args, RU, "text.wav", "missing.mp3", "-", input=GO.read_bytes())

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import CLIPS, faster_whisper_model
 from whisperjax_cli.decoding import LoopConfig, LoopState, decode_loop, decode_window, encode
-from whisperjax_cli.transcribe import transcribe
+from whisperjax_cli.longform import transcribe
 from whisperjax_cli.window_decoder import build_prompt, compression_ratio, left_pad
 
 EOT = 9
@@ -263,7 +263,7 @@ def test_rows_moved_to_smaller_batches_decode_as_they_would_alone(tiny_en, clip_
     """Four clips of different lengths in one batch: the loop shrinks 4 -> 2 -> 1 rows as they
     end (decode_phases); each clip's tokens and log probability equal its own batch-of-one run."""
     from whisperjax_cli.decoding import phase_sizes
-    from whisperjax_cli.transcribe import transcribe_files
+    from whisperjax_cli.longform import transcribe_files
 
     assert phase_sizes(8) == (8, 4, 2, 1) and phase_sizes(5) == (5, 2, 1) and phase_sizes(1) == (1,)
     names = ("cards-001.flac", "goforward.flac", "something.wav", "cards-002.flac")
@@ -286,10 +286,11 @@ def test_best_of_rows_keep_their_own_audio_when_the_batch_shrinks(tiny_en, clip_
     the phases 6 -> 3 -> 1 where each row's audio keys/values are gathered from its group."""
     import jax
 
-    from whisperjax_cli.window_decoder import DecodingOptions, LazyKey, WindowDecoder
+    from whisperjax_cli.options import TranscribeOptions
+    from whisperjax_cli.window_decoder import LazyKey, WindowDecoder
     from whisperjax_cli.features import N_FRAMES, log_mel_spectrogram, pad_or_trim
 
-    decoder = WindowDecoder(tiny_en, DecodingOptions(best_of=3, without_timestamps=True))
+    decoder = WindowDecoder(tiny_en, TranscribeOptions(best_of=3, without_timestamps=True))
     prompt = list(tiny_en.tokenizer.sot_sequence) + [tiny_en.tokenizer.no_timestamps]
     pair = ("cards-001.flac", "forever-44k-stereo.flac")  # 4 and 9 tokens
     for names in (pair, pair[::-1]):  # either window may end first
@@ -310,9 +311,10 @@ def test_best_of_rows_keep_their_own_audio_when_the_batch_shrinks(tiny_en, clip_
 def test_when_every_temperature_fails_the_likeliest_not_repetitive_result_is_kept(tiny_en, monkeypatch):
     """faster-whisper's rule: the best average log probability among results under the
     compression threshold (else among all), reported at the last temperature."""
-    from whisperjax_cli.window_decoder import DecodingOptions, DecodingResult, WindowDecoder
+    from whisperjax_cli.options import TranscribeOptions
+    from whisperjax_cli.window_decoder import DecodingResult, WindowDecoder
 
-    decoder = WindowDecoder(tiny_en, DecodingOptions(temperatures=(0.0, 0.5, 1.0)))
+    decoder = WindowDecoder(tiny_en, TranscribeOptions(temperature=(0.0, 0.5, 1.0)))
     looped: set[float] = set()
     scripted = {  # temperature -> (avg logprob, compression ratio): every one fails
         0.0: (-0.5, 3.0),  # the likeliest, but too repetitive
@@ -342,9 +344,10 @@ def test_when_every_temperature_fails_the_likeliest_not_repetitive_result_is_kep
 
 def test_compression_ratio_is_of_the_stripped_text_as_openai_and_faster_whisper(tiny_en):
     """Both measure ``decode(tokens).strip()``; the leading space moves the ratio near 2.4."""
-    from whisperjax_cli.window_decoder import DecodingOptions, WindowDecoder
+    from whisperjax_cli.options import TranscribeOptions
+    from whisperjax_cli.window_decoder import WindowDecoder
 
-    decoder = WindowDecoder(tiny_en, DecodingOptions())
+    decoder = WindowDecoder(tiny_en, TranscribeOptions())
     ids = tiny_en.tokenizer.encode(" the quick brown fox") + [tiny_en.tokenizer.eot]
     r = decoder._result(np.asarray(ids), -1.0, 0.1, 0.0)
     assert r.text == " the quick brown fox"

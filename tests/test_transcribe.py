@@ -12,7 +12,7 @@ import pytest
 from conftest import CLIPS, faster_whisper_model
 from whisperjax_cli.packing import ENERGY_BLOCK, frame_energy
 from whisperjax_cli.streams import Stream
-from whisperjax_cli.transcribe import transcribe, transcribe_files, transcribe_segments
+from whisperjax_cli.longform import transcribe, transcribe_files, transcribe_segments
 from whisperjax_cli.writers import get_writer
 
 
@@ -99,7 +99,7 @@ def test_mixed_precision_batched_mode_keeps_the_words(long_audio, sequential):
     """dtype="mixed" (what batched CLI runs pick on a CPU with bfloat16 dot instructions): the
     encoder's products and the output projection in bfloat16. The words stay those of the
     float32 sequential transcript (itself faster-whisper's, test above)."""
-    from whisperjax_cli.models import load_model
+    from whisperjax_cli.loading import load_model
 
     mixed = load_model("tiny.en", dtype="mixed")
     batched = transcribe(mixed, long_audio, mode="batched", batch_size=4)
@@ -120,11 +120,12 @@ def test_frame_energy_in_blocks_equals_the_whole_file_at_once():
 
 def test_looping_rows_stop_early_in_both_modes_unless_asked(tiny_en):
     from whisperjax_cli.decoding import LOOP_SPAN
-    from whisperjax_cli.transcribe import make_transcriber
+    from whisperjax_cli.longform import Transcriber
+    from whisperjax_cli.options import TranscribeOptions
 
     for mode in ("sequential", "batched"):
-        assert make_transcriber(tiny_en, mode=mode).decoder.config.loop_span == LOOP_SPAN
-        assert make_transcriber(tiny_en, mode=mode, stop_loops=False).decoder.config.loop_span == 0
+        assert Transcriber(tiny_en, TranscribeOptions(mode=mode)).decoder.config.loop_span == LOOP_SPAN
+        assert Transcriber(tiny_en, TranscribeOptions(mode=mode, stop_loops=False)).decoder.config.loop_span == 0
 
 
 def test_segments_are_a_lazy_generator(tiny_en, long_audio, sequential):
@@ -176,9 +177,10 @@ def test_a_window_skipped_as_silence_resets_the_prompt_only_if_it_had_text(tiny_
     """No-speech skip (p > 0.6, avg logprob < -1): seek moves a whole window either way; the
     prompt is dropped when the model wrote text there, kept when it wrote none."""
     from whisperjax_cli.window_decoder import DecodingResult
-    from whisperjax_cli.transcribe import make_transcriber
+    from whisperjax_cli.longform import Transcriber
+    from whisperjax_cli.options import TranscribeOptions
 
-    transcriber = make_transcriber(tiny_en)
+    transcriber = Transcriber(tiny_en)
     for text, reset in ((" and the", True), ("", False)):
         stream = Stream(0, [(0, 9000)], [1, 2, 3])
         result = DecodingResult([], text, -3.0, -1.5, 0.9, 0.0, 1.0)

@@ -15,7 +15,8 @@ from safetensors.numpy import save_file
 from whisperjax_cli import weights
 from whisperjax_cli.errors import ModelError
 from whisperjax_cli.model import Whisper
-from whisperjax_cli.models import load_model, read_model_dir, resolve_model
+from whisperjax_cli.loading import load_model, read_model_dir
+from whisperjax_cli.hub import resolve_model
 
 
 def _logits(model, mel, tokens):
@@ -144,7 +145,7 @@ def test_int8_ctranslate2_weights_are_dequantized_like_ctranslate2(tmp_path, tin
     """int8 weights (CTranslate2's per-row scale) load, and decode as CTranslate2 decodes them."""
     from faster_whisper import WhisperModel
 
-    from whisperjax_cli.transcribe import transcribe
+    from whisperjax_cli.longform import transcribe
 
     tensors, aliases = weights.read_ct2(tiny_en.path / "model.bin")
     quantized = {}

@@ -7,13 +7,18 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# Public name -> module defining it. No public name is also a submodule's name: importing a
+# submodule sets it as an attribute of the package, which would hide the function.
 _LAZY = {
-    "load_model": "whisperjax_cli.models",
-    "transcribe": "whisperjax_cli.transcribe",
+    "load_model": "whisperjax_cli.loading",
+    "transcribe": "whisperjax_cli.longform",
+    "transcribe_files": "whisperjax_cli.longform",
+    "TranscribeOptions": "whisperjax_cli.options",
     "load_audio": "whisperjax_cli.audio",
     "log_mel_spectrogram": "whisperjax_cli.features",
-    "detect_language": "whisperjax_cli.classify",
-    "classify": "whisperjax_cli.classify",
+    "detect_language": "whisperjax_cli.language",
+    "classify": "whisperjax_cli.classifier",
+    "load_classify_model": "whisperjax_cli.classifier",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -27,6 +27,11 @@ from .errors import AudioError
 
 SAMPLE_RATE = 16000
 BLOCK_SECONDS = 30  # decode and resample this much of the original file at a time
+# Sample rates a header may state: telephone 8 kHz (and old 2-4 kHz recordings) to 768 kHz
+# studio rates. A header saying 1 Hz made a 96 KB WAV decode into 13 hours of audio.
+MIN_RATE, MAX_RATE = 1000, 768_000
+BLOCK_SAMPLES = 16 << 20  # samples (all channels) in one decoded block at most
+HINT_LIMIT = 3600 * SAMPLE_RATE  # the output is preallocated up to an hour; past it, it grows as read
 
 # Suffixes libsndfile decodes; for others a failed libsndfile open means "install ffmpeg".
 SOUNDFILE_SUFFIXES = frozenset(
@@ -72,8 +77,10 @@ def load_audio(
         if sample_rate is None:
             raise ValueError("load_audio: sample_rate is required for array input")
         subject = name or "<array>"
+        if not MIN_RATE <= sample_rate <= MAX_RATE:
+            raise AudioError(subject, f"implausible sample rate {sample_rate} Hz (expected {MIN_RATE}-{MAX_RATE})")
         blocks = _array_blocks(source, subject, sample_rate)
-        audio = _resample_to_mono(blocks, sample_rate, source.shape[0])
+        audio = _resample_to_mono(blocks, sample_rate, source.shape[0], subject)
         if audio.size == 0:
             raise AudioError(subject, "contains no audio (0 samples)")
         return audio
@@ -163,8 +170,11 @@ def _open_soundfile(file: BinaryIO) -> tuple[sf.SoundFile | None, str]:
 
 def _decode_soundfile(snd: sf.SoundFile, subject: str) -> np.ndarray:
     """Reads an open SoundFile block by block into 16 kHz mono float32."""
+    if not MIN_RATE <= snd.samplerate <= MAX_RATE:
+        raise AudioError(subject, f"implausible sample rate {snd.samplerate} Hz in its header "
+                                  f"(expected {MIN_RATE}-{MAX_RATE}): corrupt header?")
     try:
-        audio = _resample_to_mono(_soundfile_blocks(snd, subject), snd.samplerate, snd.frames)
+        audio = _resample_to_mono(_soundfile_blocks(snd, subject), snd.samplerate, snd.frames, subject)
     except (sf.SoundFileError, RuntimeError) as err:
         # A decode error mid-file (e.g. a truncated flac): never return the partial audio.
         reason = _libsndfile_reason(err)
@@ -182,7 +192,9 @@ def _soundfile_blocks(snd: sf.SoundFile, subject: str) -> Iterator[np.ndarray]:
     """
     n_read = 0
     # One reused buffer: soundfile then yields views instead of a fresh copy per block.
-    buffer = np.empty((BLOCK_SECONDS * snd.samplerate, snd.channels), np.float32)
+    # Its size is bounded whatever the header claims (1024 channels at 768 kHz: 16 M samples).
+    frames = max(1, min(BLOCK_SECONDS * snd.samplerate, BLOCK_SAMPLES // max(1, snd.channels)))
+    buffer = np.empty((frames, snd.channels), np.float32)
     for block in snd.blocks(out=buffer):
         n_read += block.shape[0]
         yield block
@@ -212,7 +224,7 @@ def _array_blocks(array: np.ndarray, subject: str, sample_rate: int) -> Iterator
         yield block if scale is None else block * scale
 
 
-def _resample_to_mono(blocks: Iterable[np.ndarray], sample_rate: int, n_frames: int) -> np.ndarray:
+def _resample_to_mono(blocks: Iterable[np.ndarray], sample_rate: int, n_frames: int, subject: str) -> np.ndarray:
     """Mixes ``[frames, channels]`` blocks to mono and resamples them as one stream to 16 kHz.
 
     Only one block of the original rate and channel count is alive at a time; soxr's stream
@@ -222,15 +234,22 @@ def _resample_to_mono(blocks: Iterable[np.ndarray], sample_rate: int, n_frames: 
     resampler = None
     if sample_rate != SAMPLE_RATE:
         resampler = soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
-    size_hint = -(-n_frames * SAMPLE_RATE // sample_rate) + 16  # ceil, plus the filter's slack
-    return _collect(_mono_pieces(blocks, resampler), size_hint)
+    size_hint = -(-max(n_frames, 0) * SAMPLE_RATE // sample_rate) + 16  # ceil, plus the filter's slack
+    # A header's frame count is a claim: never allocate more than HINT_LIMIT on its word.
+    return _collect(_mono_pieces(blocks, resampler, subject), min(size_hint, HINT_LIMIT))
 
 
 def _mono_pieces(
-    blocks: Iterable[np.ndarray], resampler: soxr.ResampleStream | None
+    blocks: Iterable[np.ndarray], resampler: soxr.ResampleStream | None, subject: str
 ) -> Iterator[np.ndarray]:
-    """Yields each block mixed to mono ``[frames]`` and, if ``resampler`` is given, resampled."""
+    """Yields each block mixed to mono ``[frames]`` and, if ``resampler`` is given, resampled.
+
+    Raises:
+        AudioError: A sample is NaN or infinite (a float file the model would read as noise).
+    """
     for block in blocks:
+        if not np.isfinite(block).all():
+            raise AudioError(subject, "contains non-finite samples (NaN or infinity)")
         mono = block.mean(axis=1, dtype=np.float32)  # [frames, channels] -> [frames]
         yield mono if resampler is None else resampler.resample_chunk(mono)
     if resampler is not None:

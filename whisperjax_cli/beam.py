@@ -23,7 +23,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from whisperjax_cli.decoding import DecodeOutput, LoopConfig, filter_logits, loops, prefill
+from whisperjax_cli.decoding import DecodeInputs, DecodeOutput, LoopConfig, filter_logits, loops, prefill
 from whisperjax_cli.model import Whisper, init_cache, take_rows, take_slots
 
 SLOT_BLOCK = 16  # beams reorder their self-attention buffers in blocks of this many slots
@@ -272,47 +272,24 @@ def beam_search(
     return tokens, sum_logprobs, state.looped & (slot >= finished)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("module", "config", "beam_size", "patience", "length_penalty", "finish_top_only")
-)
-def beam_search_window(
-    module: Whisper,
-    params,
-    audio: Array,
-    prompt: Array,
-    pad: Array,
-    sot_index: Array,
-    suppress_mask: Array,
-    begin_mask: Array,
-    config: LoopConfig,
-    beam_size: int,
-    patience: Optional[float] = None,
-    length_penalty: Optional[float] = None,
-    finish_top_only: bool = False,
-    hold: Optional[Array] = None,
-) -> DecodeOutput:
-    """Beam-search decodes a batch of audio windows; ``decoding.decode_window``'s convention.
+def beam_search_window(module: Whisper, params, inputs: DecodeInputs, config: LoopConfig) -> DecodeOutput:
+    """Beam-search decodes a batch of audio windows; ``decoding.decode_window``'s convention
+    (called from inside it, so part of its one program when ``config.beam`` is set).
 
     The prompt is prefilled once per audio row; the beams of a row share its cross-attention
     keys/values (held constant, read once per step for all beams); reordering beams gathers only
     the self-attention buffers, and of those only the slots sampled so far
     (:func:`~whisperjax_cli.model.take_slots`): the prompt's are the same for all beams.
-
-    Args:
-      module: the model (static).
-      audio: encoder output ``[batch, n_audio_ctx, state]``.
-      prompt: int32 ``[batch, prompt_len]``, left-padded; ends with the sot sequence.
-      pad: int32 ``[batch]`` left-padding per row.
-      sot_index: int32 scalar, the slot of start-of-transcript (for the no-speech probability).
-      suppress_mask, begin_mask: bool ``[vocab]``.
-      config: static loop settings.
-      beam_size, patience, length_penalty: OpenAI's options (static).
+    ``inputs.temperature`` and ``inputs.key`` are not read (beam search is at temperature 0).
     """
+    beam = config.beam
+    beam_size = beam.beam_size
+    audio, prompt, pad = inputs.audio, inputs.prompt, inputs.pad
     batch, prompt_len = prompt.shape
     cross = module.apply({"params": params}, audio, method=Whisper.cross_kv)
     length = -(-(prompt_len + config.sample_len) // SLOT_BLOCK) * SLOT_BLOCK  # whole blocks; the rest masked
     cache = init_cache(module.dims, cross, length, module.dtype)
-    last_logits, cache, no_speech_prob = prefill(module, params, prompt, cache, pad, sot_index, config)
+    last_logits, cache, no_speech_prob = prefill(module, params, prompt, cache, pad, inputs.sot_index, config)
 
     beam_pad = jnp.repeat(pad, beam_size, axis=0)
 
@@ -327,7 +304,7 @@ def beam_search_window(
     buffer = jnp.concatenate([prompt, jnp.full((batch, config.sample_len), config.eot, jnp.int32)], axis=1)
     tokens, sum_logprobs, looped = beam_search(
         step, buffer, last_logits, cache, jnp.int32(prompt_len),
-        suppress_mask, begin_mask, config, beam_size, patience, length_penalty, finish_top_only, take_rows,
-        functools.partial(take_slots, block=SLOT_BLOCK), hold,
+        inputs.suppress_mask, inputs.begin_mask, config, beam_size, beam.patience, beam.length_penalty,
+        beam.finish_top_only, take_rows, functools.partial(take_slots, block=SLOT_BLOCK), inputs.hold,
     )
     return DecodeOutput(tokens, sum_logprobs, no_speech_prob, looped)

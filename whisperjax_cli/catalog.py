@@ -43,7 +43,7 @@ def list_models() -> list[dict]:
     """
     import importlib.util
 
-    from whisperjax_cli.models import BUNDLED, _BASE_SECOND_PART
+    from whisperjax_cli.hub import BUNDLED, _BASE_SECOND_PART
 
     rows = []
     for alias, (package, sub, _) in BUNDLED.items():
@@ -115,7 +115,8 @@ def convert_model(source: str, destination: Path, dtype: str = "float32") -> Pat
     from safetensors.numpy import save_file
 
     from whisperjax_cli import weights
-    from whisperjax_cli.models import read_model_dir, resolve_model
+    from whisperjax_cli.loading import read_model_dir
+    from whisperjax_cli.hub import resolve_model
 
     destination = Path(destination)
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
@@ -139,6 +140,7 @@ def convert_model(source: str, destination: Path, dtype: str = "float32") -> Pat
         for name in _TOKENIZER_FILES:
             if (src / name).exists():
                 shutil.copyfile(src / name, temp / name)
+        normal_permissions(temp)  # mkdtemp made it private; a model folder is as any other
         if destination.exists():
             destination.rmdir()  # empty, checked above
         os.replace(temp, destination)
@@ -146,3 +148,26 @@ def convert_model(source: str, destination: Path, dtype: str = "float32") -> Pat
         shutil.rmtree(temp, ignore_errors=True)
         raise
     return destination
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (threads may be running)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normal_permissions(folder: Path) -> None:
+    """Gives ``folder`` and the files in it the permissions a plain ``mkdir``/``open`` would
+    (0o777/0o666 less the umask): temporary-file helpers create them private (0700/0600)."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for path in Path(folder).rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)

@@ -1,8 +1,8 @@
 """``wjx classify FILE...`` (language ID, or a trained head) and ``wjx classify train``.
 
-The commands of whisperjax_cli/classify.py and whisperjax_cli/train.py on the ``wjx`` group:
-they share the transcribe command's runtime options, inputs, model loading and exit codes
-(``whisperjax_cli.cli``). JAX and the model code are imported inside the commands.
+The commands of whisperjax_cli/classifier.py and whisperjax_cli/train.py, added to the ``wjx``
+group by ``cli.py``: they share the transcribe command's runtime options, inputs, model loading
+and exit codes (``whisperjax_cli.cli_common``). JAX and the model code are imported inside the commands.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Optional
 
 import click
 
-from whisperjax_cli.cli import DTYPES, EXIT_FAILED, EXIT_OK, _describe, _say, cli, load_for_cli, run_guarded, runtime_options
+from whisperjax_cli.cli_common import (DTYPES, EXIT_FAILED, EXIT_OK, describe, load_for_cli, run_guarded,
+                                       runtime_options, say)
 from whisperjax_cli.cli_files import Input, collect_inputs
 from whisperjax_cli.errors import UsageError
 
@@ -87,12 +88,12 @@ class _ClassifyCommand(click.Command):
 
 def _load_classify_model(name: str, dtype=None):
     # Imported here, not above: whisperjax_cli.classify imports JAX, which load_for_cli sets up first.
-    from whisperjax_cli.classify import load_classify_model
+    from whisperjax_cli.classifier import load_classify_model
 
     return load_classify_model(name, dtype)
 
 
-@cli.command("classify", cls=_ClassifyCommand, epilog=CLASSIFY_EPILOG,
+@click.command("classify", cls=_ClassifyCommand, epilog=CLASSIFY_EPILOG,
              short_help="Identify the language of audio FILEs (or train a classifier).")
 @click.argument("inputs", nargs=-1, required=True, metavar="FILE...")
 @click.option("-k", "--top-k", type=click.IntRange(min=1), default=5, show_default=True,
@@ -126,7 +127,7 @@ def run_classify(o: dict) -> int:
 
     inputs, errors = collect_inputs(o["inputs"])
     for line in errors:
-        _say(line)
+        say(line)
     if not inputs:
         return EXIT_FAILED if errors else EXIT_OK
     model = load_for_cli(o["model"], o["device"], o["dtype"], o["threads"], o["no_compile_cache"],
@@ -138,7 +139,7 @@ def run_classify(o: dict) -> int:
     with Reporter([i.label for i in inputs], show_progress=show) as reporter:
         rows, failed = _classify_all(model, inputs, reporter, stdout, o)
     if rows:
-        from whisperjax_cli.classify import ClassifierModel
+        from whisperjax_cli.classifier import ClassifierModel
         from whisperjax_cli.tokenizer import LANGUAGES
 
         print_classify_table(rows, stdout, names=None if isinstance(model, ClassifierModel) else LANGUAGES)
@@ -148,7 +149,7 @@ def run_classify(o: dict) -> int:
 def _classify_all(model, inputs: list[Input], reporter, stdout, o: dict) -> tuple[list, int]:
     """Scores every input; JSON lines are printed as results come (in input order), table rows
     are returned. Returns ``(rows [(file, [(label, score), ...])], how many failed)``."""
-    from whisperjax_cli.classify import classify_files
+    from whisperjax_cli.classifier import classify_files
 
     results = classify_files(model, [i.loader() for i in inputs], top_k=o["top_k"], windows=o["windows"],
                              skip_silence=o["skip_silence"], batch_size=o["batch_size"])
@@ -158,7 +159,7 @@ def _classify_all(model, inputs: list[Input], reporter, stdout, o: dict) -> tupl
         if result.error is not None:
             if o["debug"]:
                 traceback.print_exception(result.error)
-            reporter.error(_describe(result.error, label))
+            reporter.error(describe(result.error, label))
             failed += 1
         elif o["fmt"] == "json":
             stdout.write(json.dumps(result.to_dict(file=label), ensure_ascii=False) + "\n")
@@ -265,7 +266,7 @@ def run_classify_train(o: dict) -> int:
             batch_size=o["batch_size"], progress=bars,
         )
     for file, why in report.skipped:
-        _say(f"{file}: skipped: {why.removeprefix(file + ': ')}")
+        say(f"{file}: skipped: {why.removeprefix(file + ': ')}")
     click.echo(json.dumps(train_summary(report), ensure_ascii=False) if o["fmt"] == "json"
                else _train_line(report))
     return EXIT_OK

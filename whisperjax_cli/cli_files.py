@@ -27,7 +27,6 @@ class Input:
     label: str
     path: Optional[Path]
     stem: str = ""
-    ahead: Optional[Any] = None  # a Future of the decoded audio (see cli._read_ahead)
 
     def loader(self) -> Callable:
         """A zero-argument callable decoding this input, so read errors stay with their file."""
@@ -37,17 +36,7 @@ class Input:
             stdin = sys.stdin.buffer
             return lambda: load_audio(io.BytesIO(stdin.read()), name="<stdin>")
         path = str(self.path)
-        ahead = self.ahead
-        if ahead is None:
-            return lambda: load_audio(path)
-
-        def read():
-            try:
-                return ahead.result()
-            except Exception:  # noqa: BLE001 - read again here, which raises the error as usual
-                return load_audio(path)
-
-        return read
+        return lambda: load_audio(path)
 
 
 def collect_inputs(args: tuple[str, ...]) -> tuple[list[Input], list[str]]:

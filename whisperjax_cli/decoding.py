@@ -9,6 +9,7 @@ scripted logits. Logit filters are pure ``(logits, ...) -> logits`` functions. T
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 import flax.struct
@@ -17,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from whisperjax_cli.model import KVCache, Whisper, init_cache, repeat_rows, take_rows
-from whisperjax_cli.runtime import cached_jit  # jax.jit, and whole programs kept on disk (start-up)
 from whisperjax_cli.timestamps import TimestampConfig, apply_timestamp_rules, hold_end_of_text
 
 Array = jax.Array
@@ -35,6 +35,38 @@ class LoopConfig:
     timestamps: Optional[TimestampConfig]  # None: without timestamps
     sample: bool = False  # True: sample at the given temperature; False: greedy (argmax)
     loop_span: int = 0  # > 0: end a row once it loops (see repeats_itself); 0: never
+    group: int = 1  # consecutive rows per audio sharing one prompt (best-of samples)
+    beam: Optional["BeamConfig"] = None  # beam search instead of greedy/sampling (temperature 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamConfig:
+    """Static settings of a beam search (OpenAI's ``beam_size``, ``patience``, ``length_penalty``)."""
+
+    beam_size: int
+    patience: Optional[float] = None
+    length_penalty: Optional[float] = None
+    # CTranslate2's rule, used by transcription: only endings among the top beam_size finish.
+    finish_top_only: bool = False
+
+
+@flax.struct.dataclass
+class DecodeInputs:
+    """Everything a decode program takes that is not static: one pytree per call.
+
+    The rows are ``batch = audio * group``: ``group`` consecutive rows per audio (best-of
+    samples) share its encoder output and prompt.
+    """
+
+    audio: Array  # encoder output [audio, n_audio_ctx, state]
+    prompt: Array  # int32 [batch, prompt_len], left-padded, ends with the sot sequence
+    pad: Array  # int32 [batch]: left-padding slots per row
+    sot_index: Array  # int32 scalar: the slot of start-of-transcript (no-speech probability)
+    suppress_mask: Array  # bool [vocab]: never sampled
+    begin_mask: Array  # bool [vocab]: not sampled first (blank, end-of-text)
+    temperature: Array  # float32 scalar (read when sampling)
+    key: Array  # PRNG key (read when sampling)
+    hold: Optional[Array] = None  # int32 [batch]: see hold_end_of_text (batched mode), or None
 
 
 @flax.struct.dataclass
@@ -276,44 +308,27 @@ def prefill(module: Whisper, params, prompt: Array, cache: KVCache, pad: Array, 
     return logits[:, 1], cache, no_speech_prob
 
 
-@cached_jit(static_argnames=("module", "config", "group"))
-def decode_window(
-    module: Whisper,
-    params,
-    audio: Array,
-    prompt: Array,
-    pad: Array,
-    sot_index: Array,
-    suppress_mask: Array,
-    begin_mask: Array,
-    temperature: Array,
-    key: Array,
-    config: LoopConfig,
-    group: int = 1,
-    hold: Optional[Array] = None,
-) -> DecodeOutput:
+@functools.partial(jax.jit, static_argnames=("module", "config"))
+def decode_window(module: Whisper, params, inputs: DecodeInputs, config: LoopConfig) -> DecodeOutput:
     """Decodes a batch of audio windows after their (left-padded) prompts.
 
     Args:
       module: the model (static).
-      audio: encoder output ``[audio, n_audio_ctx, state]``.
-      prompt: int32 ``[batch, prompt_len]`` with ``batch = audio * group`` rows (``group``
-        consecutive rows per audio, e.g. best-of samples, with the same prompt), left-padded;
-        ends with the sot sequence.
-      pad: int32 ``[batch]`` left-padding per row.
-      sot_index: int32 scalar, the slot of start-of-transcript (for the no-speech probability).
-      suppress_mask, begin_mask: bool ``[vocab]``.
-      temperature: float32 scalar.
-      key: PRNG key.
-      hold: int32 ``[batch]`` or None: per row, the timestamp index before which end-of-text
-        is held back (:func:`~whisperjax_cli.timestamps.hold_end_of_text`; batched mode).
+      params: its parameters.
+      inputs: audio, prompts, masks, temperature and key (:class:`DecodeInputs`).
+      config: static loop settings; ``config.beam`` set runs :func:`~whisperjax_cli.beam.beam_search_window`.
     """
+    if config.beam is not None:
+        from whisperjax_cli.beam import beam_search_window
+
+        return beam_search_window(module, params, inputs, config)
+    audio, prompt, pad, group, hold = inputs.audio, inputs.prompt, inputs.pad, config.group, inputs.hold
     batch, prompt_len = prompt.shape
     cross = module.apply({"params": params}, audio, method=Whisper.cross_kv)
     # A group's rows share their prompt: it is run once per audio and its cache rows repeated.
     cache = init_cache(module.dims, cross, prompt_len + config.sample_len, module.dtype)
-    last_logits, cache, no_speech_prob = prefill(module, params, prompt[::group], cache, pad[::group], sot_index,
-                                                 config)
+    last_logits, cache, no_speech_prob = prefill(module, params, prompt[::group], cache, pad[::group],
+                                                 inputs.sot_index, config)
     if group > 1:
         cache = repeat_rows(cache, group)
         last_logits, no_speech_prob = jnp.repeat(last_logits, group, 0), jnp.repeat(no_speech_prob, group, 0)
@@ -324,18 +339,18 @@ def decode_window(
         cache=cache,
         sum_logprobs=jnp.zeros((batch,), jnp.float32),
         done=jnp.zeros((batch,), bool),
-        key=key,
+        key=inputs.key,
         looped=jnp.zeros((batch,), bool),
     )
-    state = decode_phases(module, params, state, pad, group, jnp.int32(prompt_len), suppress_mask, begin_mask,
-                          temperature, config, hold)
+    state = decode_phases(module, params, state, pad, group, jnp.int32(prompt_len), inputs.suppress_mask,
+                          inputs.begin_mask, inputs.temperature, config, hold)
     return DecodeOutput(state.tokens[:, prompt_len:], state.sum_logprobs, no_speech_prob, state.looped)
 
 
 ENCODE_CHUNK = 2  # windows per encoder pass; bigger batches run one chunk after another
 
 
-@cached_jit(static_argnames=("module",))
+@functools.partial(jax.jit, static_argnames=("module",))
 def encode(module: Whisper, params, mel: Array, rows: Optional[Array] = None) -> Array:
     """Encoder output ``[batch, n_audio_ctx, state]`` for mel ``[batch, frames, n_mels]``.
 
@@ -359,20 +374,3 @@ def encode(module: Whisper, params, mel: Array, rows: Optional[Array] = None) ->
     todo = batch // chunk if rows is None else (jnp.minimum(rows, batch) + chunk - 1) // chunk
     out = jax.lax.fori_loop(0, todo, lambda i, o: o.at[i].set(run(chunks[i])), out)
     return out.reshape(batch, *out.shape[2:])
-
-
-@cached_jit(static_argnames=("module",))
-def language_logits(module: Whisper, params, audio: Array, sot: Array) -> Array:
-    """Logits after ``<|startoftranscript|>`` alone, ``[batch, vocab]`` (language ID)."""
-    cross = module.apply({"params": params}, audio, method=Whisper.cross_kv)
-    cache = init_cache(module.dims, cross, 1, module.dtype)
-    tokens = jnp.broadcast_to(sot, (audio.shape[0], 1)).astype(jnp.int32)
-    logits, _ = module.apply({"params": params}, tokens, cache, jnp.int32(0), method=Whisper.decode)
-    return logits[:, 0]
-
-
-def language_probs(logits: np.ndarray, language_tokens: np.ndarray) -> np.ndarray:
-    """Softmax over the language tokens only, ``[batch, n_languages]`` (as OpenAI)."""
-    sub = np.asarray(logits, np.float64)[:, language_tokens]
-    sub = np.exp(sub - sub.max(axis=-1, keepdims=True))
-    return sub / sub.sum(axis=-1, keepdims=True)

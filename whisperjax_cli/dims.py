@@ -5,10 +5,22 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+# Bounds on every size, far past the Whisper family (large-v3: 128 mels, 1280 wide, 32 layers,
+# 20 heads, 51866 tokens, 1500/448 positions), checked before anything is allocated: a
+# config.json that claims 10^6 layers is refused at once instead of filling memory.
+LIMITS = {
+    "n_mels": 512, "n_audio_ctx": 4096, "n_audio_state": 8192, "n_audio_head": 256, "n_audio_layer": 256,
+    "n_vocab": 1 << 18, "n_text_ctx": 8192, "n_text_state": 8192, "n_text_head": 256, "n_text_layer": 256,
+}  # fmt: skip
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelDimensions:
-    """Sizes of a Whisper model. Hashable, so it can be a static jit argument."""
+    """Sizes of a Whisper model. Hashable, so it can be a static jit argument.
+
+    Raises ValueError on construction when a size is not a whole number from 1 to its bound in
+    :data:`LIMITS`, or a width does not split into its heads.
+    """
 
     n_mels: int
     n_audio_ctx: int
@@ -21,9 +33,30 @@ class ModelDimensions:
     n_text_head: int
     n_text_layer: int
 
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= LIMITS[field.name]:
+                raise ValueError(f"{field.name} must be a whole number from 1 to {LIMITS[field.name]}, not {value!r}")
+        for state, head in (("n_audio_state", "n_audio_head"), ("n_text_state", "n_text_head")):
+            if getattr(self, state) % getattr(self, head):
+                raise ValueError(f"{state} ({getattr(self, state)}) is not a multiple of {head} ({getattr(self, head)})")
+
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any]) -> "ModelDimensions":
-        """Builds dimensions from a Hugging Face ``WhisperConfig`` dictionary."""
+        """Builds dimensions from a Hugging Face ``WhisperConfig`` dictionary.
+
+        Raises:
+          ValueError: ``config`` is not a mapping, lacks a field, or a size is out of bounds.
+        """
+        if not isinstance(config, Mapping):
+            raise ValueError(f"expected a JSON object, not {type(config).__name__}")
+        for hf, ours in _HF_FIELDS.items():  # checked under the file's own names
+            if hf not in config:
+                raise ValueError(f"missing field {hf!r}")
+            value = config[hf]
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= LIMITS[ours]:
+                raise ValueError(f"{hf} must be a whole number from 1 to {LIMITS[ours]}, not {value!r}")
         return cls(
             n_mels=config["num_mel_bins"],
             n_audio_ctx=config["max_source_positions"],
@@ -63,6 +96,13 @@ class ModelDimensions:
     def num_languages(self) -> int:
         # 51865 tokens: 99 languages; large-v3's 51866: 100 (Cantonese added).
         return self.n_vocab - 51765 - int(self.is_multilingual)
+
+
+_HF_FIELDS = {  # HF WhisperConfig field -> ours
+    "num_mel_bins": "n_mels", "max_source_positions": "n_audio_ctx", "d_model": "n_audio_state",
+    "encoder_attention_heads": "n_audio_head", "encoder_layers": "n_audio_layer", "vocab_size": "n_vocab",
+    "max_target_positions": "n_text_ctx", "decoder_attention_heads": "n_text_head", "decoder_layers": "n_text_layer",
+}  # fmt: skip
 
 
 def _dims(n_mels, n_vocab, state, heads, layers) -> ModelDimensions:

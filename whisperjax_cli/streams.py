@@ -1,7 +1,7 @@
 """The state of long-form transcription: one :class:`Stream` per stretch of a file decoded with
 OpenAI's loop (its seek, prompt and segments), one :class:`FileState` per open file, and the
-:class:`FileEvent` that :func:`~whisperjax_cli.transcribe.transcribe_files` yields. The loop
-that advances them is :class:`~whisperjax_cli.transcribe.Transcriber`.
+:class:`FileEvent` that :func:`~whisperjax_cli.longform.transcribe_files` yields. The loop
+that advances them is :class:`~whisperjax_cli.longform.Transcriber`.
 """
 
 from __future__ import annotations

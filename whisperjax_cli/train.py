@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from whisperjax_cli.audio import load_audio
-from whisperjax_cli.classify import BATCH_BUCKETS, HF_WHISPER_DEFAULTS, WhisperClassifier, head_table
+from whisperjax_cli.classifier import BATCH_BUCKETS, HF_WHISPER_DEFAULTS, WhisperClassifier, head_table
 from whisperjax_cli.errors import UsageError
 from whisperjax_cli.features import N_SAMPLES, log_mel_spectrogram, pad_or_trim
 from whisperjax_cli.model import AudioEncoder
@@ -321,6 +321,9 @@ def save_classifier(out_dir: Path, model, labels, params: dict, proj_size: int, 
             "n_samples": N_SAMPLES, "nb_max_frames": 3000, "padding_side": "right", "padding_value": 0.0,
             "return_attention_mask": False,
         }, indent=2) + "\n")  # fmt: skip
+    from whisperjax_cli.catalog import normal_permissions
+
+    normal_permissions(out_dir)
 
 
 # ---------------------------------------------------------------- the whole run
@@ -336,7 +339,7 @@ def train_classifier(
 
     Args:
       data_dir: the dataset; each clip's first 30 s are used.
-      model: a Whisper name or path, or a loaded :class:`~whisperjax_cli.models.WhisperModel`.
+      model: a Whisper name or path, or a loaded :class:`~whisperjax_cli.loading.WhisperModel`.
       out_dir: where the HF-layout checkpoint goes (``wjx classify --model OUT_DIR`` loads it).
       epochs, lr, batch_size, seed: Adam on the cross-entropy, shuffled with ``seed``.
       val_fraction: share of each label's clips held out to report accuracy on.
@@ -349,7 +352,7 @@ def train_classifier(
     Raises:
       UsageError: a bad dataset or option. ModelError: the model cannot be loaded.
     """
-    from whisperjax_cli.models import load_model
+    from whisperjax_cli.loading import load_model
 
     if out_dir is None:
         raise UsageError(None, "an output directory is required (--out DIR)")

@@ -310,7 +310,7 @@ def ct2_to_state(
     """Canonical state dict and dimensions from CTranslate2 variables (splitting fused QKV).
 
     With ``float32=False``, float16 tensors stay float16 views of the file's bytes, for a
-    caller that converts them once anyway (:func:`~whisperjax_cli.models.load_model`).
+    caller that converts them once anyway (:func:`~whisperjax_cli.loading.load_model`).
     """
     for alias, target in aliases.items():
         tensors.setdefault(alias, tensors[target])
@@ -425,8 +425,19 @@ def read_flax_msgpack(path: Path) -> dict[str, np.ndarray]:
         tree = msgpack_restore(Path(path).read_bytes())
     except Exception as err:  # msgpack raises several unrelated types on bad input
         raise ModelError(path, f"cannot read flax msgpack ({type(err).__name__})") from None
+    if not isinstance(tree, dict):
+        raise ModelError(path, "not a Flax parameter tree (expected a mapping of names to arrays)")
+    try:
+        return _flax_state(tree)
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ModelError(path, f"not a Flax parameter tree ({type(err).__name__}: {err})") from None
+
+
+def _flax_state(tree: dict) -> dict[str, np.ndarray]:
     state = {}
     for name, value in flatten(tree).items():
+        if not isinstance(value, np.ndarray) or value.dtype.kind in "OSUb":
+            raise TypeError(f"{name} is not an array of numbers")
         value = np.asarray(value, np.float32)
         *parents, leaf = name.split("/")
         if leaf == "kernel":

@@ -13,7 +13,8 @@ from typing import Optional
 import jax
 import numpy as np
 
-from whisperjax_cli.decoding import LOOP_SPAN, LoopConfig, decode_window, encode
+from whisperjax_cli.decoding import LOOP_SPAN, BeamConfig, DecodeInputs, LoopConfig, decode_window, encode
+from whisperjax_cli.options import TranscribeOptions
 from whisperjax_cli.timestamps import TimestampConfig
 
 Array = jax.Array
@@ -50,31 +51,6 @@ def vocab_mask(ids, vocab: int) -> np.ndarray:
     return mask
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodingOptions:
-    """What to decode and how; OpenAI's ``DecodingOptions`` fields, plus the fallback list."""
-
-    task: str = "transcribe"
-    language: Optional[str] = None  # None: detect (multilingual models)
-    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-    sample_len: int = 224
-    best_of: Optional[int] = 5  # used at temperature > 0
-    beam_size: Optional[int] = None  # used at temperature 0
-    patience: Optional[float] = None
-    length_penalty: Optional[float] = None
-    suppress_tokens: Optional[str | tuple[int, ...]] = "-1"
-    suppress_blank: bool = True
-    without_timestamps: bool = False
-    max_initial_timestamp: Optional[float] = 1.0
-    compression_ratio_threshold: Optional[float] = 2.4
-    logprob_threshold: Optional[float] = -1.0
-    no_speech_threshold: Optional[float] = 0.6
-    # End a row once its last tokens loop ("au.au.au."), and count it as too repetitive, instead
-    # of sampling on to sample_len: a departure from OpenAI (such a row nearly always fails the
-    # compression check anyway, after up to 224 steps of five samples). False: OpenAI's rule alone.
-    stop_loops: bool = True
-
-
 @dataclasses.dataclass
 class DecodingResult:
     tokens: list[int]  # sampled tokens before end-of-text
@@ -84,7 +60,7 @@ class DecodingResult:
     no_speech_prob: float
     temperature: float
     compression_ratio: float
-    looped: bool = False  # stopped while looping (DecodingOptions.stop_loops): too repetitive
+    looped: bool = False  # stopped while looping (TranscribeOptions.stop_loops): too repetitive
 
 
 def compression_ratio(text: str) -> float:
@@ -158,7 +134,7 @@ class WindowDecoder:
     each call pads the batch to a bucket so a run compiles a handful of shapes.
     """
 
-    def __init__(self, model, options: DecodingOptions):
+    def __init__(self, model, options: TranscribeOptions):
         tok = model.tokenizer
         self.model, self.options, self.tokenizer = model, options, tok
         vocab = model.dims.n_vocab
@@ -252,19 +228,17 @@ class WindowDecoder:
         if holds is not None and self.config.timestamps is not None:
             hold = np.repeat(np.asarray(holds + [holds[0]] * (size - len(rows)), np.int32), repeat)
         # numpy arguments: jit moves them; eager jnp scalars and arrays were each a program to compile.
-        args = (self.model.module, self.model.params, audio, padded, pad, np.int32(prompt_len - tail),
-                self.suppress_mask, self.begin_mask)
         if temperature == 0 and opts.beam_size:
-            from whisperjax_cli.beam import beam_search_window
-
             # Finishing only top-ranked endings (CTranslate2's rule) keeps long-form beam search
             # from ending windows early; OpenAI's rule stays available in beam.py and tested.
-            out = beam_search_window(*args, self.config, opts.beam_size, opts.patience, opts.length_penalty,
-                                     finish_top_only=True, hold=hold)
+            beam = BeamConfig(opts.beam_size, opts.patience, opts.length_penalty, finish_top_only=True)
+            config = dataclasses.replace(self.config, beam=beam)
         else:
-            config = dataclasses.replace(self.config, sample=temperature > 0)
-            draw = key.value() if config.sample else _UNUSED_KEY  # greedy never draws
-            out = decode_window(*args, np.float32(temperature), draw, config, repeat, hold)
+            config = dataclasses.replace(self.config, sample=temperature > 0, group=repeat)
+        draw = key.value() if config.sample else _UNUSED_KEY  # greedy and beam search never draw
+        inputs = DecodeInputs(audio, padded, pad, np.int32(prompt_len - tail), self.suppress_mask, self.begin_mask,
+                              np.float32(temperature), draw, hold)
+        out = decode_window(self.model.module, self.model.params, inputs, config)
         tokens, sums, no_speech, looped = jax.device_get((out.tokens, out.sum_logprobs, out.no_speech_prob, out.looped))
         looped = np.zeros(len(sums), bool) if looped is None else looped  # beam search: never stopped
         results = [self._result(tokens[j], sums[j], no_speech[j], temperature, bool(looped[j]))

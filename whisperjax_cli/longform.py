@@ -25,17 +25,18 @@ import jax
 import numpy as np
 
 from whisperjax_cli.audio import load_audio
-from whisperjax_cli.decoding import language_logits, language_probs, loop_start
+from whisperjax_cli.decoding import loop_start
 from whisperjax_cli.features import (FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, LogMelWindows, first_window,
                                      model_window)
 from whisperjax_cli.packing import (BREAK_MIN, Timeline, WindowCuts, frame_energy, group_windows, quiet_frames,
                                    speech_spans)
 from whisperjax_cli.results import Segment, Transcript
 from whisperjax_cli.streams import FileEvent, FileState, Stream, parse_clip_timestamps
-from whisperjax_cli.window_decoder import DecodingOptions, LazyKey, WindowDecoder, build_prompt
+from whisperjax_cli.language import detect_language_mel
+from whisperjax_cli.options import MODES, TranscribeOptions, options_from
+from whisperjax_cli.window_decoder import LazyKey, WindowDecoder, build_prompt
 
 SECONDS_PER_TOKEN = 0.02  # timestamp resolution: 2 mel frames per encoder position
-MODES = ("sequential", "batched")
 
 
 SILENCE_PEAK = 10 ** (-80 / 20)  # -80 dBFS: below any recording's noise floor
@@ -56,21 +57,27 @@ SPLIT_MIN = 500  # frames: what is left of a looping window is decoded again, as
 class Transcriber:
     """Runs the streams of many files through one :class:`WindowDecoder`."""
 
-    def __init__(self, model, options: DecodingOptions, *, mode: str = "sequential", batch_size: int = 8,
-                 condition_on_previous_text: Optional[bool] = None, initial_prompt: Optional[str] = None,
-                 clip_timestamps="0", key: Optional[jax.Array] = None,
+    def __init__(self, model, options: Optional[TranscribeOptions] = None, *, key: Optional[jax.Array] = None,
                  progress: Optional[Callable[[int, float, float], None]] = None):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-        self.model, self.options, self.mode = model, options, mode
-        self.batch_size = max(1, batch_size)
+        """Args:
+          model: a loaded :class:`~whisperjax_cli.loading.WhisperModel`.
+          options: what to decode and how (defaults: :class:`TranscribeOptions`'s).
+          key: PRNG key for sampling at temperature > 0 (``PRNGKey(0)`` when None).
+          progress: called as ``progress(file_index, done_seconds, total_seconds)``.
+        """
+        options = TranscribeOptions() if options is None else options
+        if options.language is not None:  # an English-only model refuses other languages here
+            model.tokenizer.sot_sequence_for(options.language, options.task)
+        self.model, self.options, self.mode = model, options, options.mode
+        self.batch_size = options.batch_size
         self.decoder = WindowDecoder(model, options)
         # Batched mode decodes each window on its own by default, as faster-whisper's batched
         # pipeline: its windows are independent, so rows refill from any of them.
-        self.condition = (mode == "sequential") if condition_on_previous_text is None else condition_on_previous_text
+        self.condition = options.condition_on_previous_text
         tok = model.tokenizer
-        self.initial_tokens = tok.encode(" " + initial_prompt.strip()) if initial_prompt else []
-        self.clip_timestamps = clip_timestamps
+        prompt = options.initial_prompt
+        self.initial_tokens = tok.encode(" " + prompt.strip()) if prompt else []
+        self.clip_timestamps = options.clip_timestamps
         self.key = LazyKey(key)  # PRNGKey(0) when None; split only if sampling draws from it
         self.progress = progress
 
@@ -327,74 +334,46 @@ class Transcriber:
         return FileEvent(f.index, f.source, new, transcript, language=f.language)
 
 
-def detect_language_mel(model, mels: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
-    """Language probabilities ``[batch, n_languages]`` for mel windows ``[batch, 3000, n_mels]``."""
-    from whisperjax_cli.decoding import encode
+def transcribe_files(model, sources: Iterable, sample_rate: Optional[int] = None,
+                     options: Optional[TranscribeOptions] = None, *, key: Optional[jax.Array] = None,
+                     progress: Optional[Callable[[int, float, float], None]] = None, **overrides
+                     ) -> Iterator[FileEvent]:
+    """Transcribes many inputs in one batched run, yielding :class:`FileEvent` s as they decode.
 
-    tok = model.tokenizer
-    if not tok.multilingual:
-        from whisperjax_cli.errors import UsageError
-
-        raise UsageError(model.name, "English-only model: it cannot identify languages")
-    audio = encode(model.module, model.params, np.asarray(mels, np.float32))
-    logits = np.asarray(language_logits(model.module, model.params, audio, np.int32(tok.sot)))
-    return tok.all_language_codes, language_probs(logits, np.asarray(tok.all_language_tokens))
-
-
-_TRANSCRIBER_ARGS = ("mode", "batch_size", "condition_on_previous_text", "initial_prompt", "clip_timestamps",
-                     "key", "progress")
-
-
-def make_transcriber(model, **kwargs) -> Transcriber:
-    """Splits keyword arguments between :class:`DecodingOptions` and :class:`Transcriber`.
-
-    ``temperature`` may be a number or a tuple (the fallback list), as in openai-whisper.
-    Batched mode decodes at temperature 0 alone unless ``temperature`` says otherwise, as
-    faster-whisper's batched pipeline (which has no fallback at all).
+    ``options`` and/or keyword ``overrides`` (:class:`TranscribeOptions`'s fields) say how.
     """
-    from whisperjax_cli.tokenizer import normalize_language
-
-    runner = {k: kwargs.pop(k) for k in _TRANSCRIBER_ARGS if k in kwargs}
-    temperature = kwargs.pop("temperature", None)
-    if temperature is None and runner.get("mode") == "batched":
-        temperature = 0.0
-    if temperature is not None:
-        kwargs["temperatures"] = tuple(temperature) if isinstance(temperature, (list, tuple)) else (float(temperature),)
-    if kwargs.get("language") is not None:
-        kwargs["language"] = normalize_language(kwargs["language"])
-        model.tokenizer.sot_sequence_for(kwargs["language"], kwargs.get("task", "transcribe"))
-    return Transcriber(model, DecodingOptions(**kwargs), **runner)
+    return Transcriber(model, options_from(options, overrides), key=key, progress=progress).run(sources, sample_rate)
 
 
-def transcribe_files(model, sources: Iterable, sample_rate: Optional[int] = None, **kwargs) -> Iterator[FileEvent]:
-    """Transcribes many inputs in one batched run; see :class:`Transcriber` for the options."""
-    return make_transcriber(model, **kwargs).run(sources, sample_rate)
-
-
-def transcribe_segments(model, audio, sample_rate: Optional[int] = None, **kwargs) -> Iterator[Segment]:
+def transcribe_segments(model, audio, sample_rate: Optional[int] = None, options: Optional[TranscribeOptions] = None,
+                        **overrides) -> Iterator[Segment]:
     """A lazy generator of one input's segments, yielded as they are decoded."""
-    for event in transcribe_files(model, [audio], sample_rate, **kwargs):
+    for event in transcribe_files(model, [audio], sample_rate, options, **overrides):
         if event.error is not None:
             raise event.error
         yield from event.segments
 
 
-def transcribe(model, audio, sample_rate: Optional[int] = None, **kwargs) -> Transcript:
+def transcribe(model, audio, sample_rate: Optional[int] = None, options: Optional[TranscribeOptions] = None,
+               **overrides) -> Transcript:
     """Transcribes one input (a path, a binary file object, or an array with its sample rate).
 
-    Keyword arguments are openai-whisper's (``language``, ``task``, ``temperature``, ``beam_size``,
-    ``best_of``, ``patience``, ``length_penalty``, ``initial_prompt``,
-    ``condition_on_previous_text``, ``compression_ratio_threshold``, ``logprob_threshold``,
-    ``no_speech_threshold``, ``clip_timestamps``, ``without_timestamps``,
-    ``max_initial_timestamp``, ``suppress_tokens``, ``suppress_blank``) plus ``mode``
-    (``"sequential"``/``"batched"``), ``batch_size``, ``stop_loops`` (see
-    :class:`~whisperjax_cli.window_decoder.DecodingOptions`) and an explicit PRNG ``key``.
+    Args:
+      model: a :class:`~whisperjax_cli.loading.WhisperModel`, or a name to load.
+      audio: a file path, a binary file object, or samples (with ``sample_rate``).
+      sample_rate: the rate of an array ``audio``.
+      options: a :class:`~whisperjax_cli.options.TranscribeOptions`; keyword ``overrides``
+        (openai-whisper's names: ``language``, ``task``, ``temperature``, ``beam_size``,
+        ``best_of``, ``patience``, ``initial_prompt``, ``condition_on_previous_text`` ... plus
+        ``mode``, ``batch_size``, ``stop_loops``) replace its fields; ``key`` is the PRNG key.
+    Raises:
+      UsageError: a bad option value; AudioError: the input cannot be read.
     """
     if isinstance(model, str):
-        from whisperjax_cli.models import load_model
+        from whisperjax_cli.loading import load_model
 
         model = load_model(model)
-    for event in transcribe_files(model, [audio], sample_rate, **kwargs):
+    for event in transcribe_files(model, [audio], sample_rate, options, **overrides):
         if event.error is not None:
             raise event.error
         if event.transcript is not None:

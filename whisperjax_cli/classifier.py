@@ -29,10 +29,9 @@ from whisperjax_cli.audio import SAMPLE_RATE, load_audio
 from whisperjax_cli.dims import ModelDimensions
 from whisperjax_cli.errors import ModelError, UsageError
 from whisperjax_cli.features import HOP_LENGTH, N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
+from whisperjax_cli.language import detect_language_mel, language_windows
 from whisperjax_cli.model import AudioEncoder
 
-SILENCE_DB = 35.0  # a 10 ms frame is silent when this far below the file's loudest 100 ms
-CONTEXT_SECONDS = 1.0  # kept before the first loud frame: short leading silences change nothing
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # padded batch sizes, so few shapes are ever compiled
 
 # HF ``WhisperConfig`` defaults: its config.json omits any field equal to them.
@@ -159,7 +158,7 @@ def head_table(dims: ModelDimensions, weighted_layer_sum: bool) -> list[tuple[st
 
 def read_classifier_config(path: Path) -> tuple[dict, ModelDimensions, tuple[str, ...]]:
     """A classifier's config with HF's defaults filled in, its dimensions and its labels."""
-    from whisperjax_cli.models import _read_json
+    from whisperjax_cli.loading import _read_json
 
     raw = _read_json(path / "config.json")
     if not raw:
@@ -175,7 +174,10 @@ def read_classifier_config(path: Path) -> tuple[dict, ModelDimensions, tuple[str
     if sorted(names) != list(range(len(names))):
         raise ModelError(path / "config.json", "'id2label' keys must be 0..n-1")
     labels = tuple(names[i] for i in range(len(names)))
-    return config, ModelDimensions.from_hf_config(config), labels
+    try:
+        return config, ModelDimensions.from_hf_config(config), labels
+    except ValueError as err:
+        raise ModelError(path / "config.json", f"not a Whisper config: {err}") from None
 
 
 def load_classifier(name_or_path: str | Path, dtype: Any = None) -> ClassifierModel:
@@ -186,7 +188,8 @@ def load_classifier(name_or_path: str | Path, dtype: Any = None) -> ClassifierMo
       ModelError: a missing or extra tensor, a wrong shape, or a config without labels.
     """
     from whisperjax_cli import weights
-    from whisperjax_cli.models import default_dtype, resolve_model
+    from whisperjax_cli.loading import default_dtype
+    from whisperjax_cli.hub import resolve_model
 
     path = resolve_model(str(name_or_path))
     config, dims, labels = read_classifier_config(path)
@@ -220,13 +223,14 @@ def load_classifier(name_or_path: str | Path, dtype: Any = None) -> ClassifierMo
 
 def load_classify_model(name_or_path: str, dtype: Any = None):
     """What ``wjx classify --model`` loads: a classifier checkpoint, or a multilingual Whisper
-    for language ID (a :class:`~whisperjax_cli.models.WhisperModel`).
+    for language ID (a :class:`~whisperjax_cli.loading.WhisperModel`).
 
     Raises:
       UsageError: an English-only Whisper (it has no language tokens to score).
       ModelError: the model cannot be found, read or validated.
     """
-    from whisperjax_cli.models import _read_json, load_model, resolve_model
+    from whisperjax_cli.loading import _read_json, load_model
+    from whisperjax_cli.hub import resolve_model
 
     path = resolve_model(name_or_path)
     if is_classifier_config(_read_json(path / "config.json")):
@@ -240,45 +244,6 @@ def load_classify_model(name_or_path: str, dtype: Any = None):
 
 
 # ---------------------------------------------------------------- windows
-
-
-def frame_db(audio: np.ndarray) -> np.ndarray:
-    """Power in dB of each 10 ms frame, smoothed over 100 ms so clicks do not count, ``[frames]``."""
-    n = audio.shape[0] // HOP_LENGTH
-    power = np.square(audio[: n * HOP_LENGTH].reshape(n, HOP_LENGTH), dtype=np.float64).mean(axis=1)
-    power = np.convolve(power, np.ones(10) / 10, mode="same")
-    return 10.0 * np.log10(power + 1e-20)
-
-
-def speech_start(audio: np.ndarray, threshold_db: float = SILENCE_DB, context: float = CONTEXT_SECONDS) -> int:
-    """The sample where content begins: ``context`` seconds before the first frame within
-    ``threshold_db`` of the loudest, so only long leading silences are skipped."""
-    db = frame_db(audio)
-    if db.size == 0:
-        return 0
-    first = int(np.argmax(db > db.max() - threshold_db))
-    return max(0, first * HOP_LENGTH - int(context * SAMPLE_RATE))
-
-
-def language_windows(audio: np.ndarray, n_mels: int, windows: int = 1, skip_silence: bool = True):
-    """Language-ID windows of 16 kHz ``audio`` and their weights.
-
-    Each window is the log-mel of up to 30 s of content, zero-padded past its end (as
-    faster-whisper's ``detect_language(audio)``). A window's weight is its count of non-silent
-    frames, so a window that is mostly trailing silence counts little.
-
-    Returns:
-      ``(mels float32 [n, N_FRAMES, n_mels], weights float64 [n])``, ``1 <= n <= windows``.
-    """
-    start = speech_start(audio) if skip_silence else 0
-    span = audio[start : start + windows * N_SAMPLES]
-    mel = log_mel_spectrogram(span, n_mels, padding=HOP_LENGTH)[: windows * N_FRAMES]  # [frames, n_mels]
-    n = max(1, math.ceil(mel.shape[0] / N_FRAMES))
-    mels = pad_or_trim(mel, n * N_FRAMES).reshape(n, N_FRAMES, n_mels)
-    db = frame_db(span)
-    loud = pad_or_trim((db > db.max() - SILENCE_DB) if db.size else db, n * N_FRAMES)
-    weights = loud.reshape(n, N_FRAMES).sum(axis=1).astype(np.float64)
-    return mels, weights if weights.sum() > 0 else np.ones(n)
 
 
 def head_windows(audio: np.ndarray, n_mels: int, windows: int = 1):
@@ -319,8 +284,6 @@ def window_scores(model, mels: np.ndarray, batch_size: int = 8) -> np.ndarray:
     if isinstance(model, ClassifierModel):
         module, params = model.module, model.params
         return _bucketed(lambda m: jax.nn.softmax(head_logits(module, params, m), axis=-1), mels, batch_size)
-    from whisperjax_cli.transcribe import detect_language_mel
-
     return _bucketed(lambda m: detect_language_mel(model, m)[1], mels, batch_size)
 
 
@@ -416,20 +379,3 @@ def classify(model, audio, sample_rate: Optional[int] = None, **kwargs) -> list[
     if result.error is not None:
         raise result.error
     return result.labels
-
-
-def detect_language(
-    model, audio, sample_rate: Optional[int] = None, *, windows: int = 1, top_k: int = 5, skip_silence: bool = True,
-) -> list[tuple[str, float]]:
-    """Spoken-language ID: the top-k ``(code, probability)`` of one input, best first.
-
-    Leading silence is skipped (``skip_silence``) and the probabilities of up to ``windows``
-    30 s windows of content are averaged. With one window and no skipped silence, this is
-    faster-whisper's ``detect_language(audio)``.
-
-    Raises:
-      UsageError: an English-only model.
-    """
-    if isinstance(model, ClassifierModel):
-        raise UsageError(model.name, "a classifier checkpoint, not a Whisper model: it cannot identify languages")
-    return classify(model, audio, sample_rate, windows=windows, top_k=top_k, skip_silence=skip_silence)

