@@ -1,0 +1,327 @@
+"""Speech detection: Silero VAD v6 probabilities and faster-whisper's speech timestamps.
+
+One home for "where is someone speaking", used by transcription (``--vad``), language
+identification and ``wjx vad``. The model is whisperjax_cli/vad_model.py (Flax, one
+probability per 512-sample chunk of 16 kHz audio); this module feeds it many files at once in
+bounded blocks and turns probabilities into speech segments exactly as faster-whisper's
+``get_speech_timestamps`` does (same options, defaults and sample positions). The stitching
+helpers (speech-only audio and the map back to original times) are in vad_stitch.py and
+re-exported here.
+
+JAX is imported only when probabilities are computed, so :class:`VadOptions` and the
+timestamp rules load without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from whisperjax_cli.errors import UsageError
+from whisperjax_cli.vad_stitch import SpeechTimestampsMap, collect_chunks, speech_audio  # noqa: F401 - re-exported
+
+SAMPLE_RATE = 16000
+CHUNK = 512  # samples per probability (vad_model.CHUNK, not imported: that would import JAX)
+CONTEXT = 64  # samples of the previous chunk the model reads with each chunk (vad_model.CONTEXT)
+# Rows x chunks per model call. A block's intermediates (~40 MB at 2048) then stay near the
+# caches: 4096 or more ran the 2-core EPYC about 2x slower per hour of audio, 1024 no faster.
+MAX_BLOCK = 2048
+MIN_BLOCK = 64  # the smallest chunk count a call is padded to (few compiled shapes)
+SILENCE_AT_MAX_SPEECH = SAMPLE_RATE * 98 / 1000  # a silence this long may end a too-long segment
+
+Speech = dict  # {"start": sample, "end": sample}, as faster-whisper's
+
+
+@dataclasses.dataclass(frozen=True)
+class VadOptions:
+    """Speech-timestamp options: faster-whisper's ``VadOptions``, same names and defaults.
+
+    Attributes:
+        threshold: A chunk whose speech probability is at least this starts (or continues)
+            speech.
+        neg_threshold: Speech ends only below this (hysteresis, so that a dip just under
+            ``threshold`` does not cut a word); None: ``max(threshold - 0.15, 0.01)``.
+        min_speech_duration_ms: Speech segments this short or shorter are dropped.
+        max_speech_duration_s: Longer speech is split at its last silence of more than 98 ms
+            (or, without one, just before this length), so that a segment fits a window.
+        min_silence_duration_ms: Silence must last this long to end a segment.
+        speech_pad_ms: Segments are widened by this much on each side (half the gap when two
+            would overlap), so that soft onsets and endings are kept.
+    """
+
+    threshold: float = 0.5
+    neg_threshold: float | None = None
+    min_speech_duration_ms: float = 0
+    max_speech_duration_s: float = float("inf")
+    min_silence_duration_ms: float = 2000
+    speech_pad_ms: float = 400
+
+    def __post_init__(self):
+        def number(name: str, allow_inf: bool = False) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise UsageError(None, f"VAD {name} must be a number, got {value!r}")
+            if math.isnan(value) or (math.isinf(value) and not allow_inf):
+                raise UsageError(None, f"VAD {name} must be a finite number, got {value}")
+            return float(value)
+
+        if not 0 < number("threshold") < 1:
+            raise UsageError(None, f"VAD threshold must be between 0 and 1 (exclusive), got {self.threshold}")
+        if self.neg_threshold is not None and not 0 < number("neg_threshold") <= self.threshold:
+            raise UsageError(None, f"VAD neg_threshold must be above 0 and at most threshold ({self.threshold}), "
+                                   f"got {self.neg_threshold}")
+        for name in ("min_speech_duration_ms", "min_silence_duration_ms", "speech_pad_ms"):
+            if number(name) < 0:
+                raise UsageError(None, f"VAD {name} must be >= 0, got {getattr(self, name)}")
+        if number("max_speech_duration_s", allow_inf=True) <= 0:
+            raise UsageError(None, f"VAD max_speech_duration_s must be > 0, got {self.max_speech_duration_s}")
+
+
+def batched_vad_options(options: VadOptions | None = None, chunk_length: float = 30) -> VadOptions:
+    """The options faster-whisper's batched pipeline uses: segments that fit one window.
+
+    Its ``BatchedInferencePipeline`` forces ``max_speech_duration_s`` to the window length
+    and, when given no options, also ends speech after 160 ms of silence (not 2 s), so that
+    windows hold whole phrases.
+    """
+    if options is None:
+        return VadOptions(max_speech_duration_s=chunk_length, min_silence_duration_ms=160)
+    return dataclasses.replace(options, max_speech_duration_s=chunk_length)
+
+
+def chunk_count(n_samples: int) -> int:
+    """Probabilities for ``n_samples``: faster-whisper pads 1 to 512 zeros, so ``n // 512 + 1``."""
+    return n_samples // CHUNK + 1
+
+
+def _stream_block(audio: np.ndarray, count: int, start: int, chunks: int, out: np.ndarray) -> None:
+    """Writes the samples the model reads for chunks ``start .. start + chunks`` into ``out``.
+
+    That is ``out[:chunks * 512 + 64]`` = the 64 samples before chunk ``start`` and the chunks,
+    from the stream faster-whisper's ``SileroVADModel`` builds: zeros before the audio, the
+    audio padded with zeros to ``count`` chunks, and (its array view writes through) the last
+    64 samples of the last chunk zeroed, which changes a file's last probabilities when its
+    length is 449 to 511 past a multiple of 512.
+    """
+    first = start * CHUNK - CONTEXT  # audio index of out[0]
+    valid = min(len(audio), count * CHUNK - CONTEXT)
+    lo, hi = max(first, 0), min(first + out.shape[0], valid)
+    out[:] = 0
+    if hi > lo:
+        out[lo - first: hi - first] = audio[lo:hi]
+
+
+def _block_chunks(remaining: int, rows: int) -> int:
+    """Chunks per model call: powers of two (few compiled shapes), rows x chunks <= MAX_BLOCK."""
+    cap = max(MIN_BLOCK, MAX_BLOCK // (1 << (rows - 1).bit_length()))
+    return min(cap, 1 << (max(remaining, MIN_BLOCK) - 1).bit_length())
+
+
+def _group_probabilities(params: Any, audios: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Probabilities of a few streams run side by side, block by block, the LSTM state carried.
+
+    Blocks are dispatched without waiting for results (JAX runs them asynchronously), so the
+    next block's samples are gathered while the model runs.
+    """
+    from whisperjax_cli import vad_model
+
+    counts = [chunk_count(len(a)) for a in audios]
+    h, c = vad_model.zero_state(len(audios))
+    pieces, start = [], 0
+    while start < max(counts):
+        chunks = _block_chunks(max(counts) - start, len(audios))
+        stream = np.empty((len(audios), chunks * CHUNK + CONTEXT), np.float32)  # [rows, samples]
+        for row, (audio, count) in enumerate(zip(audios, counts)):
+            _stream_block(audio, count, start, chunks, stream[row])
+        probs, h, c = vad_model.run_block(params, stream, h, c)
+        pieces.append(probs)  # [rows, chunks]
+        start += chunks
+    probs = np.concatenate([np.asarray(p) for p in pieces], axis=1)  # [rows, >= max(counts)]
+    return [probs[row, :count] for row, count in enumerate(counts)]
+
+
+def speech_probabilities(
+    audio: np.ndarray | Sequence[np.ndarray],
+    *,
+    lengths: Sequence[int] | None = None,
+    params: Any = None,
+    batch_size: int = 16,
+) -> np.ndarray | list[np.ndarray]:
+    """Silero's speech probability of every 512-sample chunk, as faster-whisper computes it.
+
+    Args:
+        audio: 16 kHz mono float32 samples: one 1-D array, a list of them, or a
+            ``[batch, samples]`` array whose rows are ``lengths`` long.
+        lengths: Valid samples per row of a 2-D ``audio`` (default: whole rows).
+        params: Weights from :func:`whisperjax_cli.vad_weights.load_weights` (default: loaded
+            from the package; pass them to save the read when calling often).
+        batch_size: Files run side by side; longer files are grouped together.
+
+    Returns:
+        ``len // 512 + 1`` probabilities per file (float32): one array for a 1-D ``audio``,
+        else a list in input order.
+    """
+    from whisperjax_cli.vad_weights import load_weights
+
+    single = isinstance(audio, np.ndarray) and audio.ndim == 1
+    if single:
+        audios = [audio]
+    elif isinstance(audio, np.ndarray) and audio.ndim == 2:
+        lengths = [audio.shape[1]] * audio.shape[0] if lengths is None else list(lengths)
+        if len(lengths) != audio.shape[0] or not all(0 <= n <= audio.shape[1] for n in lengths):
+            raise ValueError(f"speech_probabilities: lengths {lengths} do not fit audio {audio.shape}")
+        audios = [row[:n] for row, n in zip(audio, lengths)]
+    else:
+        audios = list(audio)
+    audios = [np.asarray(a, np.float32) for a in audios]
+    params = load_weights() if params is None else params
+    order = sorted(range(len(audios)), key=lambda i: -len(audios[i]))  # similar lengths share calls
+    results: list[np.ndarray | None] = [None] * len(audios)
+    for first in range(0, len(order), batch_size):
+        group = order[first: first + batch_size]
+        for i, probs in zip(group, _group_probabilities(params, [audios[i] for i in group])):
+            results[i] = probs
+    return results[0] if single else results
+
+
+def _find_speech(above: list, below: list, n_samples: int, min_speech: float, max_speech: float,
+                 min_silence: float) -> list[Speech]:
+    """faster-whisper's speech/silence state machine, step for step (its sample arithmetic).
+
+    ``above[i]``: chunk ``i`` is speech (>= threshold); ``below[i]``: it is silence
+    (< neg_threshold). Between the two a chunk continues whatever was going on. ``temp_end``
+    is where a silence began; ``prev_end`` / ``next_start`` remember the last silence of more
+    than 98 ms and the speech after it, where a segment longer than ``max_speech`` is split.
+    """
+    triggered, speeches, current = False, [], {}
+    temp_end = prev_end = next_start = 0
+    for i, (is_speech, is_silence) in enumerate(zip(above, below)):
+        position = CHUNK * i
+        if is_speech and temp_end:  # speech again: the silence did not last
+            temp_end = 0
+            if next_start < prev_end:
+                next_start = position
+        if is_speech and not triggered:
+            triggered = True
+            current["start"] = position
+            continue
+        if triggered and position - current["start"] > max_speech:  # too long: split
+            if prev_end:  # at the last long-enough silence
+                current["end"] = prev_end
+                speeches.append(current)
+                current = {}
+                if next_start < prev_end:  # still in that silence
+                    triggered = False
+                else:
+                    current["start"] = next_start
+                prev_end = next_start = temp_end = 0
+            else:  # no silence: cut here
+                current["end"] = position
+                speeches.append(current)
+                current = {}
+                prev_end = next_start = temp_end = 0
+                triggered = False
+                continue
+        if is_silence and triggered:
+            if not temp_end:
+                temp_end = position
+            if position - temp_end > SILENCE_AT_MAX_SPEECH:  # a place to split a long segment
+                prev_end = temp_end
+            if position - temp_end < min_silence:
+                continue
+            current["end"] = temp_end
+            if current["end"] - current["start"] > min_speech:
+                speeches.append(current)
+            current = {}
+            prev_end = next_start = temp_end = 0
+            triggered = False
+    if current and n_samples - current["start"] > min_speech:  # speech runs to the end
+        current["end"] = n_samples
+        speeches.append(current)
+    return speeches
+
+
+def _pad_speech(speeches: list[Speech], pad: float, n_samples: int) -> list[Speech]:
+    """Widens each segment by ``pad`` samples, splitting a shorter gap between neighbours in two."""
+    for i, speech in enumerate(speeches):
+        if i == 0:
+            speech["start"] = int(max(0, speech["start"] - pad))
+        if i == len(speeches) - 1:
+            speech["end"] = int(min(n_samples, speech["end"] + pad))
+            continue
+        following = speeches[i + 1]
+        silence = following["start"] - speech["end"]
+        if silence < 2 * pad:
+            speech["end"] += int(silence // 2)
+            following["start"] = int(max(0, following["start"] - silence // 2))
+        else:
+            speech["end"] = int(min(n_samples, speech["end"] + pad))
+            following["start"] = int(max(0, following["start"] - pad))
+    return speeches
+
+
+def timestamps_from_probabilities(
+    probs: np.ndarray, n_samples: int, options: VadOptions = VadOptions()
+) -> list[Speech]:
+    """Speech segments from chunk probabilities, as faster-whisper's ``get_speech_timestamps``.
+
+    Args:
+        probs: ``[chunks]`` float32 probabilities (:func:`speech_probabilities`); compared in
+            float32 with the thresholds, as faster-whisper's numpy scalars are.
+        n_samples: The audio's length in samples (segments end inside it).
+        options: The timestamp options.
+
+    Returns:
+        ``[{"start": sample, "end": sample}, ...]`` in order, at 16 kHz.
+    """
+    probs = np.asarray(probs, np.float32)
+    neg_threshold = options.neg_threshold
+    if neg_threshold is None:
+        neg_threshold = max(options.threshold - 0.15, 0.01)
+    pad = SAMPLE_RATE * options.speech_pad_ms / 1000
+    speeches = _find_speech(
+        (probs >= options.threshold).tolist(),
+        (probs < neg_threshold).tolist(),
+        n_samples,
+        min_speech=SAMPLE_RATE * options.min_speech_duration_ms / 1000,
+        max_speech=SAMPLE_RATE * options.max_speech_duration_s - CHUNK - 2 * pad,
+        min_silence=SAMPLE_RATE * options.min_silence_duration_ms / 1000,
+    )
+    return _pad_speech(speeches, pad, n_samples)
+
+
+def speech_timestamps(audio: np.ndarray, options: VadOptions = VadOptions(), *, params: Any = None) -> list[Speech]:
+    """Where someone speaks in one file: faster-whisper's ``get_speech_timestamps`` on our model.
+
+    Args:
+        audio: 16 kHz mono float32 samples, 1-D.
+        options: The timestamp options.
+        params: VAD weights (default: the package's).
+
+    Returns:
+        ``[{"start": sample, "end": sample}, ...]``: sample positions at 16 kHz, in order.
+    """
+    probs = speech_probabilities(np.asarray(audio, np.float32), params=params)
+    return timestamps_from_probabilities(probs, len(audio), options)
+
+
+def batch_speech_timestamps(
+    audios: Sequence[np.ndarray],
+    options: VadOptions = VadOptions(),
+    *,
+    params: Any = None,
+    batch_size: int = 16,
+) -> list[list[Speech]]:
+    """:func:`speech_timestamps` of many files, the model run on ``batch_size`` of them at once.
+
+    Returns:
+        One list of segments per file, in input order; each equals what
+        :func:`speech_timestamps` gives for that file alone.
+    """
+    audios = [np.asarray(a, np.float32) for a in audios]
+    all_probs = speech_probabilities(audios, params=params, batch_size=batch_size)
+    return [timestamps_from_probabilities(p, len(a), options) for p, a in zip(all_probs, audios)]
