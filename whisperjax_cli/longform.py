@@ -19,7 +19,7 @@ batch, refilling a row as soon as its stream ends.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import jax
 import numpy as np
@@ -279,29 +279,43 @@ class Transcriber:
         """Transcribes ``sources`` (paths, file objects or arrays), yielding events in file order
         per file; a file that cannot be read yields one event with ``error`` and the rest go on."""
         pending = iter(enumerate(sources))
-        files: dict[int, FileState] = {}
-        exhausted = False
+        return self.run_feed(lambda wait: next(pending, None), sample_rate)
+
+    def run_feed(self, take: Callable[[bool], Optional[tuple[Any, Any]]], sample_rate: Optional[int] = None
+                 ) -> Iterator[FileEvent]:
+        """The scheduler: transcribes inputs as ``take`` hands them over, until it returns None.
+
+        ``take(wait)`` returns ``(key, source)`` for the next input, or None: with ``wait``
+        False (rows are decoding) it must not block and None means "nothing new yet"; with
+        ``wait`` True (nothing to decode) it may block until an input comes, and None then
+        ends the run once every open file is done. An input joins the next step's batch as
+        soon as a row is free, so a server's new request does not wait for the others to end
+        (continuous batching). ``key`` is the event's ``index``.
+        """
+        files: dict[Any, FileState] = {}
+        ended = False
         while True:
-            while not exhausted and sum(not s.done for f in files.values() for s in f.streams) < self.batch_size:
-                nxt = next(pending, None)
+            while not ended and sum(not s.done for f in files.values() for s in f.streams) < self.batch_size:
+                idle = not any(not s.done for f in files.values() for s in f.streams)
+                nxt = take(idle)
                 if nxt is None:
-                    exhausted = True
+                    ended = idle
                     break
-                index, source = nxt
+                key, source = nxt
                 try:
-                    files[index] = self.open_file(index, source, sample_rate)
+                    files[key] = self.open_file(key, source, sample_rate)
                 except Exception as err:  # noqa: BLE001 - per-file isolation; the CLI reports it
-                    yield FileEvent(index, source, [], error=err)
+                    yield FileEvent(key, source, [], error=err)
             active = [s for f in files.values() for s in f.streams if not s.done][: self.batch_size]
             if active:
                 self.step(files, active)
-            for index in sorted(files):
-                event = self._flush(files[index])
+            for key in list(files):
+                event = self._flush(files[key])
                 if event is not None:
                     yield event
                     if event.transcript is not None:
-                        del files[index]
-            if not active and exhausted and not files:
+                        del files[key]
+            if not active and ended and not files:
                 return
 
     def _flush(self, f: FileState) -> Optional[FileEvent]:
