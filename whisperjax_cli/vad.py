@@ -134,6 +134,8 @@ def _group_probabilities(params: Any, audios: Sequence[np.ndarray]) -> list[np.n
     pieces, start = [], 0
     while start < max(counts):
         chunks = _block_chunks(max(counts) - start, len(audios))
+        # A new array per block: on CPU, JAX may read a numpy argument in place while the
+        # (asynchronous) call runs, so a buffer reused for the next block could change under it.
         stream = np.empty((len(audios), chunks * CHUNK + CONTEXT), np.float32)  # [rows, samples]
         for row, (audio, count) in enumerate(zip(audios, counts)):
             _stream_block(audio, count, start, chunks, stream[row])
@@ -165,6 +167,8 @@ def speech_probabilities(
         ``len // 512 + 1`` probabilities per file (float32): one array for a 1-D ``audio``,
         else a list in input order.
     """
+    import jax
+
     from whisperjax_cli.vad_weights import load_weights
 
     single = isinstance(audio, np.ndarray) and audio.ndim == 1
@@ -178,7 +182,7 @@ def speech_probabilities(
     else:
         audios = list(audio)
     audios = [np.asarray(a, np.float32) for a in audios]
-    params = load_weights() if params is None else params
+    params = jax.device_put(load_weights() if params is None else params)  # once, not per block
     order = sorted(range(len(audios)), key=lambda i: -len(audios[i]))  # similar lengths share calls
     results: list[np.ndarray | None] = [None] * len(audios)
     for first in range(0, len(order), batch_size):
