@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from whisperjax_cli.beam import beam_search, max_candidates
-from whisperjax_cli.decoding import LoopConfig
+from whisperjax_cli.decoding import BeamConfig, LoopConfig
 
 DATA = Path(__file__).parent / "data"
 
@@ -152,7 +152,8 @@ def stub_logprobs(table, h0s):
 
 @functools.partial(jax.jit, static_argnames=("beam_size", "patience", "length_penalty"))
 def jax_beam_search(table, h0s, beam_size, patience, length_penalty):
-    config = LoopConfig(sample_len=SAMPLE_LEN, eot=EOT, no_speech=None, timestamps=None)
+    config = LoopConfig(sample_len=SAMPLE_LEN, eot=EOT, no_speech=None, timestamps=None,
+                        beam=BeamConfig(beam_size, patience, length_penalty))
     batch = h0s.shape[0]
     tokens = jnp.concatenate(
         [jnp.full((batch, SAMPLE_BEGIN), 1, jnp.int32), jnp.full((batch, SAMPLE_LEN), EOT, jnp.int32)], axis=1
@@ -162,7 +163,7 @@ def jax_beam_search(table, h0s, beam_size, patience, length_penalty):
     suppress_mask = jnp.arange(V) == SUPPRESSED
     begin_mask = (jnp.arange(V) == BLANK) | (jnp.arange(V) == EOT)
     return beam_search(stub_step(table), tokens, logits, cache, jnp.int32(SAMPLE_BEGIN), suppress_mask,
-                       begin_mask, config, beam_size, patience, length_penalty)
+                       begin_mask, config)
 
 
 def scripted_table(seed: int, eot_bias: float) -> np.ndarray:
@@ -213,14 +214,15 @@ def test_a_looping_audio_stops_early_and_the_others_are_unchanged():
 
     @functools.partial(jax.jit, static_argnames="span")
     def search(span):
-        config = LoopConfig(sample_len=sample_len, eot=EOT, no_speech=None, timestamps=None, loop_span=span)
+        config = LoopConfig(sample_len=sample_len, eot=EOT, no_speech=None, timestamps=None, loop_span=span,
+                            beam=BeamConfig(beam))
         tokens = jnp.concatenate([jnp.full((2, SAMPLE_BEGIN), 1, jnp.int32),
                                   jnp.full((2, sample_len), EOT, jnp.int32)], axis=1)
         logits = table[_row(h0s, 0, 0)].at[0].set(loop_logits(jnp.asarray([5]))[0])  # audio 0 starts with 3
         suppress_mask = jnp.arange(V) == SUPPRESSED
         begin_mask = (jnp.arange(V) == BLANK) | (jnp.arange(V) == EOT)
         return beam_search(step, tokens, logits, (h0s, jnp.zeros_like(h0s)), jnp.int32(SAMPLE_BEGIN), suppress_mask,
-                           begin_mask, config, beam, None, None)
+                           begin_mask, config)
 
     stopped, full = jax.device_get(search(48)), jax.device_get(search(0))
     loop = [3, 4, 5] * 34
@@ -310,7 +312,8 @@ def test_beam5_matches_openai_rules_on_real_weights(tiny_en, clip):
     """Where CTranslate2 differs, the jitted search equals OpenAI's rules in Python over the model's
     logits recomputed from the whole prefix at every step (no cache, so no beam reordering)."""
     from whisperjax_cli.audio import load_audio
-    from whisperjax_cli.decoding import BeamConfig, DecodeInputs, decode_window, encode
+    from whisperjax_cli.beam import beam_search_window
+    from whisperjax_cli.decoding import BeamConfig, DecodeInputs, encode
     from whisperjax_cli.options import TranscribeOptions
     from whisperjax_cli.window_decoder import WindowDecoder, left_pad
     from whisperjax_cli.features import N_FRAMES, N_SAMPLES, log_mel_spectrogram
@@ -347,7 +350,7 @@ def test_beam5_matches_openai_rules_on_real_weights(tiny_en, clip):
     padded, pad = left_pad([prompt], 8, tok.eot)
     inputs = DecodeInputs(audio, jnp.asarray(padded), jnp.asarray(pad), jnp.int32(8 - 2), decoder.suppress_mask,
                           decoder.begin_mask, np.float32(0), np.zeros(2, np.uint32))
-    out = decode_window(module, params, inputs, dataclasses.replace(config, beam=BeamConfig(5)))
+    out = beam_search_window(module, params, inputs, dataclasses.replace(config, beam=BeamConfig(5)))
     np.testing.assert_array_equal(np.asarray(out.tokens), want_tokens, err_msg=tok.decode(list(want_tokens[0])))
     np.testing.assert_allclose(np.asarray(out.sum_logprobs), want_sums, rtol=1e-4)
     assert tok.decode([t for t in want_tokens[0] if t != tok.eot]) == CT2_DIFFERS[clip][0]
@@ -368,7 +371,8 @@ def test_beams_of_several_audios_are_reordered_within_their_own_rows(tiny_en):
     """Two windows beam-searched in one batch (each audio's beams gathered out of the buffers
     that fold rows and heads together) give each window's tokens and scores alone."""
     from whisperjax_cli.audio import load_audio
-    from whisperjax_cli.decoding import BeamConfig, DecodeInputs, decode_window
+    from whisperjax_cli.beam import beam_search_window
+    from whisperjax_cli.decoding import BeamConfig, DecodeInputs
     from whisperjax_cli.features import N_FRAMES, N_SAMPLES, log_mel_spectrogram
     from whisperjax_cli.options import TranscribeOptions
     from whisperjax_cli.window_decoder import WindowDecoder, left_pad
@@ -389,7 +393,7 @@ def test_beams_of_several_audios_are_reordered_within_their_own_rows(tiny_en):
         inputs = DecodeInputs(audio[rows], padded[rows], pad[rows], np.int32(7), decoder.suppress_mask,
                               decoder.begin_mask, np.float32(0), np.zeros(2, np.uint32))
         config = dataclasses.replace(decoder.config, beam=BeamConfig(5, finish_top_only=True))
-        return decode_window(tiny_en.module, tiny_en.params, inputs, config)
+        return beam_search_window(tiny_en.module, tiny_en.params, inputs, config)
 
     both = search(np.array([0, 1]))
     for i in (0, 1):

@@ -113,3 +113,32 @@ def test_guess_dtype_without_jax(monkeypatch):
     assert _guess_dtype(None, None) is None  # not known before JAX starts
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     assert _guess_dtype(None, None) == np.float32
+
+
+def test_options_are_validated_in_one_place():
+    """Every bad value is a UsageError (exit 2) naming the flag; mode defaults are resolved."""
+    from whisperjax_cli.errors import UsageError
+    from whisperjax_cli.options import TranscribeOptions, temperature_ladder
+
+    bad = [dict(temperature=float("nan")), dict(temperature=(0.0, 1.5)), dict(beam_size=0), dict(best_of=-1),
+           dict(beam_size=2, patience=-1.0), dict(patience=1.0), dict(length_penalty=float("inf")),
+           dict(no_speech_threshold=2.0), dict(mode="fast"), dict(task="summarize"), dict(batch_size=0),
+           dict(language="klingon"), dict(clip_timestamps="a,b"), dict(suppress_tokens="x"),
+           dict(compression_ratio_threshold=float("nan")), dict(max_initial_timestamp=-1.0), dict(sample_len=0)]
+    for fields in bad:
+        with pytest.raises(UsageError):
+            TranscribeOptions(**fields)
+    with pytest.raises(UsageError, match="unknown option: beam"):
+        TranscribeOptions.create(beam=5)
+    assert TranscribeOptions().temperature == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    assert TranscribeOptions().condition_on_previous_text is True
+    batched = TranscribeOptions(mode="batched")
+    assert batched.temperature == (0.0,) and batched.condition_on_previous_text is False
+    # Changing the mode re-resolves what was left to it, and keeps what was given.
+    again = TranscribeOptions.create(batched, mode="sequential")
+    assert again.temperature == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0) and again.condition_on_previous_text is True
+    given = TranscribeOptions.create(TranscribeOptions(temperature=0.3), mode="batched")
+    assert given.temperature == (0.3,)  # given explicitly, kept (dataclasses.replace keeps fields)
+    assert TranscribeOptions(language="French").language == "fr"
+    assert temperature_ladder(0.5, 0.2) == (0.5, 0.7, 0.9) and temperature_ladder(0.3, 0) == (0.3,)
+    hash(TranscribeOptions())  # frozen and hashable: a key for caches and servers

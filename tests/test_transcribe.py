@@ -187,3 +187,24 @@ def test_a_window_skipped_as_silence_resets_the_prompt_only_if_it_had_text(tiny_
         transcriber._advance(None, stream, 3000, result)
         assert stream.seek == 3000 and stream.segments == []
         assert stream.prompt_reset_since == (3 if reset else 0), text
+
+
+def test_threads_share_a_model_and_get_their_own_results(tiny_en, clip_audio):
+    """No process-global state on the decode path: several threads transcribing with one model
+    at once (a server, a notebook) get what each gets alone; loading is thread-safe too."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from whisperjax_cli.loading import load_model
+    from whisperjax_cli.longform import transcribe
+    from whisperjax_cli.options import TranscribeOptions
+
+    names = ["goforward.flac", "something.wav", "cards-005.flac", "numbers.flac"]
+    options = [TranscribeOptions(temperature=0.0), TranscribeOptions(temperature=0.0, beam_size=2),
+               TranscribeOptions(temperature=0.0, mode="batched"), TranscribeOptions(without_timestamps=True)]
+    alone = [transcribe(tiny_en, clip_audio[n], options=o).text for n, o in zip(names, options)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda a: transcribe(tiny_en, clip_audio[a[0]], options=a[1]).text,
+                                 zip(names, options)))
+        models = list(pool.map(lambda _: load_model("tiny.en"), range(2)))
+    assert together == alone and all(alone)
+    assert all(m.dims == tiny_en.dims for m in models)

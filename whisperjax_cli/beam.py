@@ -112,9 +112,7 @@ def beam_loop(
     suppress_mask: Array,
     begin_mask: Array,
     config: LoopConfig,
-    beam: int,
     n_finished: int,
-    finish_top_only: bool = False,
     take: Callable[[Any, Array], Any] = take_leading,
     reorder: Optional[Callable[[Any, Array, Array, Array], Any]] = None,
     hold: Optional[Array] = None,
@@ -136,6 +134,7 @@ def beam_loop(
       reorder: ``(cache, rows, start, stop) -> cache``: ``take`` for caches that differ between
         an audio's beams only at slots ``[start, stop)`` (those sampled so far); default ``take``.
     """
+    beam, finish_top_only = config.beam.beam_size, config.beam.finish_top_only
     end = sample_begin + config.sample_len
     if reorder is None:
         reorder = lambda cache, rows, start, stop: take(cache, rows)  # noqa: E731
@@ -223,10 +222,6 @@ def beam_search(
     suppress_mask: Array,
     begin_mask: Array,
     config: LoopConfig,
-    beam_size: int,
-    patience: Optional[float] = None,
-    length_penalty: Optional[float] = None,
-    finish_top_only: bool = False,
     take: Callable[[Any, Array], Any] = take_leading,
     reorder: Optional[Callable[[Any, Array, Array, Array], Any]] = None,
     hold: Optional[Array] = None,
@@ -249,7 +244,8 @@ def beam_search(
       (see :func:`beam_loop`) and a beam still running then was ranked best.
     """
     batch = tokens.shape[0]
-    n_finished = max_candidates(beam_size, patience)
+    beam_size, length_penalty = config.beam.beam_size, config.beam.length_penalty
+    n_finished = max_candidates(beam_size, config.beam.patience)
     slots = max(n_finished, beam_size)  # finalize may fill up to beam_size
     repeat = lambda x: jnp.repeat(x, beam_size, axis=0)  # noqa: E731
     state = BeamState(
@@ -264,17 +260,18 @@ def beam_search(
         looped=jnp.zeros((batch,), bool),
     )
     beam_hold = None if hold is None else jnp.repeat(hold, beam_size)  # an audio's beams share its hold
-    state = beam_loop(step_fn, state, state.cur, suppress_mask, begin_mask, config, beam_size, n_finished,
-                      finish_top_only, take, reorder, beam_hold)
+    state = beam_loop(step_fn, state, state.cur, suppress_mask, begin_mask, config, n_finished, take, reorder,
+                      beam_hold)
     finished = state.fin_count
     state = finalize(state, sample_begin, config.sample_len, beam_size)
     tokens, sum_logprobs, slot = rank_finished(state, config.eot, length_penalty)
     return tokens, sum_logprobs, state.looped & (slot >= finished)
 
 
+@functools.partial(jax.jit, static_argnames=("module", "config"))
 def beam_search_window(module: Whisper, params, inputs: DecodeInputs, config: LoopConfig) -> DecodeOutput:
-    """Beam-search decodes a batch of audio windows; ``decoding.decode_window``'s convention
-    (called from inside it, so part of its one program when ``config.beam`` is set).
+    """Beam-search decodes a batch of audio windows (``config.beam`` says how); the arguments
+    and result of ``decoding.decode_window``.
 
     The prompt is prefilled once per audio row; the beams of a row share its cross-attention
     keys/values (held constant, read once per step for all beams); reordering beams gathers only
@@ -304,7 +301,7 @@ def beam_search_window(module: Whisper, params, inputs: DecodeInputs, config: Lo
     buffer = jnp.concatenate([prompt, jnp.full((batch, config.sample_len), config.eot, jnp.int32)], axis=1)
     tokens, sum_logprobs, looped = beam_search(
         step, buffer, last_logits, cache, jnp.int32(prompt_len),
-        inputs.suppress_mask, inputs.begin_mask, config, beam_size, beam.patience, beam.length_penalty,
-        beam.finish_top_only, take_rows, functools.partial(take_slots, block=SLOT_BLOCK), inputs.hold,
+        inputs.suppress_mask, inputs.begin_mask, config, take_rows, functools.partial(take_slots, block=SLOT_BLOCK),
+        inputs.hold,
     )
     return DecodeOutput(tokens, sum_logprobs, no_speech_prob, looped)

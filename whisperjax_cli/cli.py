@@ -17,7 +17,7 @@ from typing import Optional
 import click
 
 from whisperjax_cli import __version__, cli_classify
-from whisperjax_cli.cli_common import (EXIT_FAILED, EXIT_OK, EXIT_PIPE, describe, load_for_cli, run_guarded,
+from whisperjax_cli.cli_common import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PIPE, describe, load_for_cli, run_guarded,
                                        runtime_options, say)
 from whisperjax_cli.cli_files import Input, Outputs, collect_inputs, existing_outputs
 from whisperjax_cli.errors import UsageError
@@ -75,25 +75,34 @@ def cli() -> None:
 def main() -> None:
     """Console-script entry point (``wjx``, ``python -m whisperjax_cli``).
 
-    Once JAX is loaded, the process ends with ``os._exit`` after flushing stdout and stderr:
-    the interpreter's teardown of JAX's objects takes about 0.4 s and has nothing left to
-    save (outputs are written with fsync and renamed; compiled programs are cached as made).
+    Usage errors are one line (``wjx: No such option: --bogus (see 'wjx transcribe --help')``),
+    exit code 2. Once JAX is loaded, the process ends with ``os._exit`` after flushing stdout
+    and stderr: the interpreter's teardown of JAX's objects takes about 0.4 s and has nothing
+    left to save (outputs are written with fsync and renamed; compiled programs are cached as made).
     """
     try:
-        cli(prog_name="wjx")
-    except SystemExit as done:
-        if "jax" not in sys.modules or not isinstance(done.code, (int, type(None))):
-            raise
-        code = done.code or 0
-        try:
-            sys.stdout.flush()
-        except (OSError, ValueError):  # a closed pipe: the reader went away (| head)
-            code = code or EXIT_PIPE
-        try:
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
-        os._exit(code)
+        code = cli.main(prog_name="wjx", standalone_mode=False)
+    except click.exceptions.UsageError as err:
+        where = err.ctx.command_path if err.ctx is not None else "wjx"
+        say(f"{err.format_message()} (see '{where} --help')")
+        code = err.exit_code
+    except click.exceptions.ClickException as err:
+        say(err.format_message())
+        code = err.exit_code
+    except click.exceptions.Abort:
+        code = EXIT_INTERRUPTED
+    code = code if isinstance(code, int) else 0
+    if "jax" not in sys.modules:
+        sys.exit(code)
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):  # a closed pipe: the reader went away (| head)
+        code = code or EXIT_PIPE
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(code)
 
 
 # ---------------------------------------------------------------- transcribe: options

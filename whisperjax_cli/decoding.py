@@ -316,12 +316,10 @@ def decode_window(module: Whisper, params, inputs: DecodeInputs, config: LoopCon
       module: the model (static).
       params: its parameters.
       inputs: audio, prompts, masks, temperature and key (:class:`DecodeInputs`).
-      config: static loop settings; ``config.beam`` set runs :func:`~whisperjax_cli.beam.beam_search_window`.
+      config: static loop settings (``config.beam`` None: beam search is
+        :func:`~whisperjax_cli.beam.beam_search_window`, same arguments).
     """
-    if config.beam is not None:
-        from whisperjax_cli.beam import beam_search_window
-
-        return beam_search_window(module, params, inputs, config)
+    assert config.beam is None, "beam search runs in beam.beam_search_window"
     audio, prompt, pad, group, hold = inputs.audio, inputs.prompt, inputs.pad, config.group, inputs.hold
     batch, prompt_len = prompt.shape
     cross = module.apply({"params": params}, audio, method=Whisper.cross_kv)

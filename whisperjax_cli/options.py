@@ -151,10 +151,13 @@ class TranscribeOptions:
                 overrides["temperature"] = temperature_ladder(t, increment)
         if options is None:
             return cls(**overrides)
-        # Mode-dependent defaults are re-resolved when the mode changes and they were not given.
+        # Mode-dependent defaults are re-resolved when the mode changes, unless they differ from
+        # the old mode's default (then they were chosen, and are kept).
         if "mode" in overrides and overrides["mode"] != options.mode:
-            overrides.setdefault("temperature", None)
-            overrides.setdefault("condition_on_previous_text", None)
+            old = cls(mode=options.mode)
+            for name in ("temperature", "condition_on_previous_text"):
+                if getattr(options, name) == getattr(old, name):
+                    overrides.setdefault(name, None)
         return dataclasses.replace(options, **overrides)
 
     def to_dict(self) -> dict[str, Any]:

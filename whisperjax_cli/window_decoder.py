@@ -13,6 +13,7 @@ from typing import Optional
 import jax
 import numpy as np
 
+from whisperjax_cli.beam import beam_search_window
 from whisperjax_cli.decoding import LOOP_SPAN, BeamConfig, DecodeInputs, LoopConfig, decode_window, encode
 from whisperjax_cli.options import TranscribeOptions
 from whisperjax_cli.timestamps import TimestampConfig
@@ -238,7 +239,8 @@ class WindowDecoder:
         draw = key.value() if config.sample else _UNUSED_KEY  # greedy and beam search never draw
         inputs = DecodeInputs(audio, padded, pad, np.int32(prompt_len - tail), self.suppress_mask, self.begin_mask,
                               np.float32(temperature), draw, hold)
-        out = decode_window(self.model.module, self.model.params, inputs, config)
+        program = decode_window if config.beam is None else beam_search_window
+        out = program(self.model.module, self.model.params, inputs, config)
         tokens, sums, no_speech, looped = jax.device_get((out.tokens, out.sum_logprobs, out.no_speech_prob, out.looped))
         looped = np.zeros(len(sums), bool) if looped is None else looped  # beam search: never stopped
         results = [self._result(tokens[j], sums[j], no_speech[j], temperature, bool(looped[j]))
