@@ -208,3 +208,39 @@ def test_threads_share_a_model_and_get_their_own_results(tiny_en, clip_audio):
         models = list(pool.map(lambda _: load_model("tiny.en"), range(2)))
     assert together == alone and all(alone)
     assert all(m.dims == tiny_en.dims for m in models)
+
+
+def _speech_between_noise(clip_audio):
+    """Speech clips between long stretches of loud non-speech (white noise, a held tone, random
+    crackle): ``(audio, [(start, end) of each clip in seconds], [its words])``."""
+    rng = np.random.default_rng(3)
+    rate = 16000
+    noise = (rng.standard_normal(12 * rate) * 0.05).astype(np.float32)
+    tone = (0.2 * np.sin(2 * np.pi * 330 * np.arange(10 * rate) / rate)).astype(np.float32)
+    crackle = np.where(rng.random(10 * rate) < 0.002, rng.uniform(-0.6, 0.6, 10 * rate), 0).astype(np.float32)
+    parts, spans, t = [], [], 0.0
+    for filler, name in ((noise, "goforward.flac"), (tone, "something.wav"), (crackle, "cards-005.flac")):
+        parts += [filler, clip_audio[name]]
+        t += len(filler) / rate
+        spans.append((t, t + len(clip_audio[name]) / rate))
+        t += len(clip_audio[name]) / rate
+    parts.append(noise)
+    return np.concatenate(parts), spans
+
+
+def test_vad_decodes_speech_only_and_maps_times_back(tiny_en, clip_audio):
+    """With the VAD (sequential --vad, and batched mode's default), no text is placed in the
+    non-speech and every segment lies on the speech it came from, in the file's own times."""
+    from whisperjax_cli.longform import transcribe
+
+    audio, spans = _speech_between_noise(clip_audio)
+    for mode, vad in (("sequential", True), ("batched", None)):
+        result = transcribe(tiny_en, audio, mode=mode, vad_filter=vad, temperature=0.0)
+        words = result.text.lower()
+        assert "forward" in words and "somewhere" in words and "spades" in words, (mode, result.text)
+        for segment in result.segments:
+            # Each segment starts and ends within a speech span (padding: 0.4 s, and a segment
+            # may run across the non-speech between two spans, as faster-whisper's do).
+            assert any(s - 0.6 <= segment.start <= e for s, e in spans), (mode, segment)
+            assert any(s <= segment.end <= e + 0.6 for s, e in spans), (mode, segment)
+        assert result.duration == pytest.approx(len(audio) / 16000, abs=0.01)

@@ -20,6 +20,7 @@ from whisperjax_cli import __version__, cli_classify
 from whisperjax_cli.cli_common import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PIPE, describe, load_for_cli, run_guarded,
                                        runtime_options, say)
 from whisperjax_cli.cli_files import Input, Outputs, collect_inputs, existing_outputs
+from whisperjax_cli.cli_vad import VAD_FLAGS, vad, vad_flags, vad_options_from_flags
 from whisperjax_cli.errors import UsageError
 from whisperjax_cli.writers import ALL_FORMATS, FORMATS
 
@@ -113,6 +114,9 @@ OPTION_FLAGS = ("task", "language", "beam_size", "best_of", "patience", "length_
                 "no_speech_threshold", "stop_loops", "mode", "batch_size")
 
 
+VAD_FIELDS = tuple(field for _, field, _ in VAD_FLAGS)
+
+
 def transcribe_options(o: dict):
     """The :class:`~whisperjax_cli.options.TranscribeOptions` the flags ask for (validated there:
     a bad value is a usage error, exit code 2). Flags left out keep the options' defaults."""
@@ -120,6 +124,17 @@ def transcribe_options(o: dict):
 
     given = {name: o[name] for name in OPTION_FLAGS if o.get(name) is not None}
     given["without_timestamps"] = not o["timestamps"]
+    if o.get("vad_filter") is not None:
+        given["vad_filter"] = o["vad_filter"]
+    vad_given = {k: o[k] for k in VAD_FIELDS if o.get(k) is not None}
+    if vad_given:
+        from whisperjax_cli.vad import VadOptions, batched_vad_options
+
+        if o.get("vad_filter") is False:
+            raise UsageError(None, "--vad-* options need the VAD (they were given with --no-vad)")
+        # On top of the mode's defaults (batched: 160 ms of silence ends a segment).
+        base = batched_vad_options() if o["mode"] == "batched" else VadOptions()
+        given["vad_parameters"] = vad_options_from_flags(vad_given, base)
     if o["temperature"] is not None:
         given["temperature"] = o["temperature"]
         given["temperature_increment_on_fallback"] = o["temperature_increment_on_fallback"]
@@ -160,6 +175,9 @@ def transcribe_options(o: dict):
 @click.option("--mode", type=click.Choice(["sequential", "batched"]), default="sequential", show_default=True,
               help="sequential: OpenAI's long-form loop; batched: pauses shortened, cut into windows decoded side by side.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Windows decoded together [8].")
+@click.option("--vad/--no-vad", "vad_filter", default=None,
+              help="Decode only speech found by Silero VAD (faster-whisper's vad_filter) [sequential: no; batched: yes].")
+@vad_flags
 @click.option("--skip-existing", is_flag=True, help="Skip inputs whose every requested output exists.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
 @click.option("-v", "--verbose", is_flag=True, help="Print '[mm:ss.mmm --> mm:ss.mmm] text' on stderr as decoded.")
@@ -316,3 +334,4 @@ def models_convert(source: str, destination: Path, dtype: str, debug: bool) -> N
 
 
 cli.add_command(cli_classify.classify)  # and `wjx classify train`, which it hands on
+cli.add_command(vad)

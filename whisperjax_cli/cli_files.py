@@ -110,8 +110,7 @@ class Outputs:
             try:
                 write_transcript(transcript, self.output_dir, self.inputs[index].stem, self.formats)
             except OSError as err:
-                where = err.filename or self.output_dir
-                self.reporter.error(f"{where}: cannot write: {err.strerror or err}")
+                self.reporter.error(f"{_output_named(err, self.output_dir)}: cannot write: {err.strerror or err}")
                 return False
         elif not self.streaming:
             self.ready[index] = get_writer(self.formats[0]).render(transcript)
@@ -130,6 +129,18 @@ class Outputs:
                 self.stdout.write(text)
                 self.stdout.flush()
             self.next += 1
+
+
+def _output_named(err: OSError, output_dir: Path) -> Path:
+    """The output an OSError is about: the file it names, or the output that a hidden
+    temporary file (``.talk.srt.1a2b3c4d.tmp``) was to become, or else the folder."""
+    import re
+
+    if not err.filename:
+        return output_dir
+    path = Path(err.filename)
+    temp = re.fullmatch(r"\.(.+)\.[0-9a-f]{8}\.tmp", path.name)
+    return path.with_name(temp.group(1)) if temp else path
 
 
 def existing_outputs(i: Input, output_dir: Path, formats: list[str]) -> bool:

@@ -14,9 +14,8 @@ from typing import Any, TextIO
 
 import click
 
-from whisperjax_cli.errors import AudioError, ModelError, UsageError
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MODEL = 0, 1, 2, 3  # as cli.py's
+from whisperjax_cli.cli_common import EXIT_FAILED, EXIT_OK, run_guarded, say
+from whisperjax_cli.errors import AudioError
 SAMPLE_RATE = 16000
 
 # flag -> VadOptions field; defaults are VadOptions' (None: not given).
@@ -61,10 +60,6 @@ def vad_options_from_flags(flags: dict[str, Any], base=None):
     return dataclasses.replace(VadOptions() if base is None else base, **given)
 
 
-def _say(message: str) -> None:
-    click.echo(f"wjx: {message}", err=True)
-
-
 def _rows(label: str, speeches: list[dict], fmt: str) -> str:
     """One line per speech segment, times in seconds with 3 decimals."""
     lines = []
@@ -90,7 +85,7 @@ def run_vad(inputs: tuple[str, ...], fmt: str, options, batch_size: int = 16,
     out = sys.stdout if out is None else out
     found, errors = collect_inputs(inputs)
     for line in errors:
-        _say(line)
+        say(line)
     params = load_weights()
     if fmt == "tsv":
         out.write("file\tstart\tend\n")
@@ -101,7 +96,7 @@ def run_vad(inputs: tuple[str, ...], fmt: str, options, batch_size: int = 16,
             try:
                 loaded.append((item.label, item.loader()()))
             except AudioError as err:
-                _say(str(err))
+                say(str(err))
                 failed = True
         speeches = batch_speech_timestamps([a for _, a in loaded], options, params=params, batch_size=batch_size)
         out.write("".join(_rows(label, s, fmt) for (label, _), s in zip(loaded, speeches)))
@@ -121,9 +116,4 @@ def vad(inputs: tuple[str, ...], fmt: str, batch_size: int, **flags) -> None:
 
     Folders are searched; '-' reads stdin. Results go to stdout in input order.
     """
-    try:
-        code = run_vad(inputs, fmt, vad_options_from_flags(flags), batch_size)
-    except (UsageError, ModelError) as err:
-        _say(str(err))
-        code = EXIT_USAGE if isinstance(err, UsageError) else EXIT_MODEL
-    click.get_current_context().exit(code)
+    run_guarded(False, lambda: run_vad(inputs, fmt, vad_options_from_flags(flags), batch_size))

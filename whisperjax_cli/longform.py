@@ -28,6 +28,7 @@ from whisperjax_cli.audio import load_audio
 from whisperjax_cli.decoding import loop_start
 from whisperjax_cli.features import (FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, LogMelWindows, first_window,
                                      model_window)
+from whisperjax_cli.profile import Timings, maybe
 from whisperjax_cli.packing import (BREAK_MIN, Timeline, WindowCuts, frame_energy, group_windows, quiet_frames,
                                    speech_spans)
 from whisperjax_cli.results import Segment, Transcript
@@ -58,12 +59,13 @@ class Transcriber:
     """Runs the streams of many files through one :class:`WindowDecoder`."""
 
     def __init__(self, model, options: Optional[TranscribeOptions] = None, *, key: Optional[jax.Array] = None,
-                 progress: Optional[Callable[[int, float, float], None]] = None):
+                 progress: Optional[Callable[[int, float, float], None]] = None, timings: Optional[Timings] = None):
         """Args:
           model: a loaded :class:`~whisperjax_cli.loading.WhisperModel`.
           options: what to decode and how (defaults: :class:`TranscribeOptions`'s).
           key: PRNG key for sampling at temperature > 0 (``PRNGKey(0)`` when None).
           progress: called as ``progress(file_index, done_seconds, total_seconds)``.
+          timings: where to add the time of each phase (:mod:`whisperjax_cli.profile`), or None.
         """
         options = TranscribeOptions() if options is None else options
         if options.language is not None:  # an English-only model refuses other languages here
@@ -80,30 +82,43 @@ class Transcriber:
         self.clip_timestamps = options.clip_timestamps
         self.key = LazyKey(key)  # PRNGKey(0) when None; split only if sampling draws from it
         self.progress = progress
+        self.timings = timings
+        self._vad_params = None  # Silero VAD's weights, loaded when first needed
 
     # ------------------------------------------------------------ files and streams
 
     def open_file(self, index: int, source, sample_rate: Optional[int] = None) -> FileState:
-        if callable(source):  # a loader: the caller decodes lazily and names its own errors
-            audio = source()
-        elif isinstance(source, np.ndarray) and sample_rate is None:
-            audio = source  # already 16 kHz mono
-        else:
-            audio = load_audio(source, sample_rate)
-        source_frames, timeline = len(audio) // HOP_LENGTH, None
+        with maybe(self.timings, "audio decode"):
+            if callable(source):  # a loader: the caller decodes lazily and names its own errors
+                audio = source()
+            elif isinstance(source, np.ndarray) and sample_rate is None:
+                audio = source  # already 16 kHz mono
+            else:
+                audio = load_audio(source, sample_rate)
+        source_frames, timeline, cuts = len(audio) // HOP_LENGTH, None, None
         clips = parse_clip_timestamps(self.clip_timestamps, source_frames)
         if self.mode == "batched":
             energy = frame_energy(audio)
             quiet = quiet_frames(energy)
+        if self.options.vad_filter:
+            with maybe(self.timings, "vad"):
+                timeline = Timeline(self._speech_spans(audio, clips))
+        elif self.mode == "batched":  # the energy gate: pauses shortened
             timeline = Timeline(tuple(span for s, e in clips for span in speech_spans(quiet, s, e)))
+        if self.mode == "batched":
             energy, quiet = timeline.frames_of(energy), timeline.frames_of(quiet)
             cuts = WindowCuts(quiet, energy, timeline.breaks(BREAK_MIN))
-            clips = cuts.windows()
-            # All quiet: nothing to decode (one frame of zeros keeps the log-mel well defined).
+            clips = vad_windows(timeline) if self.options.vad_filter else cuts.windows()
+        elif timeline is not None:
+            clips = [(0, timeline.frames)]
+        if timeline is not None:
+            # Nothing but speech is decoded. All quiet: nothing at all (one frame of zeros keeps
+            # the log-mel well defined).
             audio = timeline.audio(audio) if timeline.frames else np.zeros(HOP_LENGTH, np.float32)
         mel = LogMelWindows(audio, self.model.n_mels, padding=N_SAMPLES)
         content_frames = mel.n_frames - N_FRAMES
-        language, probability = self._language(mel, content_frames)
+        with maybe(self.timings, "language"):
+            language, probability = self._language(mel, content_frames)
         tok = self.model.tokenizer
         sot = tok.sot_sequence_for(language, self.options.task) if tok.multilingual else tuple(tok.sot_sequence)
         if self.mode == "batched":
@@ -111,10 +126,33 @@ class Transcriber:
             # every window is its own stream and rows refill from any of them.
             groups = group_windows(clips, self.batch_size) if self.condition else [[c] for c in clips]
             streams = [Stream(index, g, list(self.initial_tokens), packed=True) for g in groups]
-            return FileState(index, source, mel, content_frames, language, probability, sot, streams, timeline,
-                         source_frames, cuts)
-        streams = [Stream(index, clips, list(self.initial_tokens))]
-        return FileState(index, source, mel, content_frames, language, probability, sot, streams)
+        else:
+            streams = [Stream(index, clips, list(self.initial_tokens))]
+        return FileState(index, source, mel, content_frames, language, probability, sot, streams, timeline,
+                         None if timeline is None else source_frames, cuts)
+
+    def _speech_spans(self, audio: np.ndarray, clips: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+        """Silero VAD's speech segments (faster-whisper's rules, ``options.vad_parameters``)
+        inside ``clips``, as mel frames, in order."""
+        from whisperjax_cli.vad import speech_timestamps
+
+        if self._vad_params is None:
+            from whisperjax_cli.vad_weights import load_weights
+
+            self._vad_params = load_weights()
+        speech = speech_timestamps(audio, self.options.vad_parameters, params=self._vad_params)
+        spans: list[tuple[int, int]] = []
+        for chunk in speech:
+            start, end = chunk["start"] // HOP_LENGTH, -(-chunk["end"] // HOP_LENGTH)
+            for clip_start, clip_end in clips:
+                lo, hi = max(start, clip_start), min(end, clip_end)
+                if lo >= hi:
+                    continue
+                if spans and lo <= spans[-1][1]:  # touching once rounded to frames: one span
+                    spans[-1] = (spans[-1][0], max(hi, spans[-1][1]))
+                else:
+                    spans.append((lo, hi))
+        return tuple(spans)
 
     def _language(self, mel: LogMelWindows, content_frames: int) -> tuple[Optional[str], Optional[float]]:
         tok = self.model.tokenizer
@@ -139,7 +177,8 @@ class Transcriber:
         for s in streams:
             f = files[s.file]
             size = f.window_size(s)
-            mels.append(model_window(f.mel, s.seek, size))
+            with maybe(self.timings, "mel"):
+                mels.append(model_window(f.mel, s.seek, size))
             prompt, tail = build_prompt(self.model.tokenizer, f.sot_sequence, s.prompt[s.prompt_reset_since :],
                                         self.options.without_timestamps, self.model.dims.n_text_ctx)
             prompts.append(prompt)
@@ -147,12 +186,17 @@ class Transcriber:
             holds.append(f.hold(s, size) if f.cuts is not None else None)
         if not streams:
             return
-        audio = self.decoder.encode(np.stack(mels))
+        with maybe(self.timings, "encoder"):
+            audio = self.decoder.encode(np.stack(mels))
+            if self.timings is not None:
+                audio.block_until_ready()  # else its device time lands in the decode phase
         self.key, sub = self.key.split()
         results = self.decoder.decode(audio, len(streams), prompts, tail, sub,
-                                      holds if self.mode == "batched" else None)  # a mode's files all have cuts or none
-        for s, size, result in zip(streams, sizes, results):
-            self._advance(files[s.file], s, size, result)
+                                      holds if self.mode == "batched" else None,  # a mode's files all have cuts or none
+                                      timings=self.timings)
+        with maybe(self.timings, "host"):
+            for s, size, result in zip(streams, sizes, results):
+                self._advance(files[s.file], s, size, result)
 
     def _skip_if_silent(self, f: FileState, s: Stream) -> bool:
         """Moves past a window of digital silence without decoding it (see is_digital_silence)."""
@@ -346,6 +390,20 @@ class Transcriber:
                 model=self.model.name,
             )
         return FileEvent(f.index, f.source, new, transcript, language=f.language)
+
+
+def vad_windows(timeline: Timeline) -> list[tuple[int, int]]:
+    """faster-whisper's batched windows: consecutive speech segments merged while they fit
+    30 s, in packed frames. A segment is never split (the VAD options cap them at 30 s)."""
+    windows: list[tuple[int, int]] = []
+    starts = timeline.packed_starts
+    for i in range(len(timeline.spans)):
+        start, end = int(starts[i]), int(starts[i + 1])
+        if windows and end - windows[-1][0] <= N_FRAMES:
+            windows[-1] = (windows[-1][0], end)
+        else:
+            windows.append((start, end))
+    return windows
 
 
 def transcribe_files(model, sources: Iterable, sample_rate: Optional[int] = None,

@@ -19,6 +19,7 @@ import math
 from typing import Any, Mapping, Optional, Union
 
 from whisperjax_cli.errors import UsageError
+from whisperjax_cli.vad import VadOptions, batched_vad_options
 
 MODES = ("sequential", "batched")
 TASKS = ("transcribe", "translate")
@@ -82,6 +83,9 @@ class TranscribeOptions:
     logprob_threshold: Optional[float] = -1.0  # fall back below this average log probability
     no_speech_threshold: Optional[float] = 0.6  # skip a window above this no-speech probability
     clip_timestamps: Union[str, tuple[float, ...]] = "0"  # "start,end,start,end..." in seconds
+    # -- speech detection (faster-whisper's names): only speech is decoded, times mapped back
+    vad_filter: Optional[bool] = None  # None: the mode's default (sequential off, batched on)
+    vad_parameters: Optional[VadOptions] = None  # None: faster-whisper's defaults for the mode
     # -- wjx's own
     stop_loops: bool = True  # end a sample once it repeats itself, and fall back
     mode: str = "sequential"  # or "batched": pauses shortened, windows decoded side by side
@@ -100,6 +104,9 @@ class TranscribeOptions:
         set_("temperature", self._temperatures())
         if self.condition_on_previous_text is None:
             set_("condition_on_previous_text", self.mode == "sequential")
+        if self.vad_filter is None:
+            set_("vad_filter", self.mode == "batched")
+        set_("vad_parameters", self._vad_parameters())
         for name in ("best_of", "beam_size"):
             _check_int(getattr(self, name), name, optional=True, high=MAX_BATCH)
         _check_int(self.batch_size, "batch_size", high=MAX_BATCH)
@@ -129,6 +136,16 @@ class TranscribeOptions:
             raise UsageError("--temperature", "needs at least one value")
         return tuple(_check_temperature(v, "temperature") for v in values)
 
+    def _vad_parameters(self) -> VadOptions:
+        """faster-whisper's: its defaults in sequential mode; in batched mode segments that fit
+        a window (160 ms of silence ends one unless other options are given; at most 30 s)."""
+        given = self.vad_parameters
+        if given is not None and not isinstance(given, VadOptions):
+            raise UsageError("vad_parameters", f"must be a VadOptions, not {type(given).__name__}")
+        if self.mode == "batched":
+            return batched_vad_options(given)
+        return VadOptions() if given is None else given
+
     @property
     def temperatures(self) -> tuple[float, ...]:
         """The fallback ladder (``temperature`` is always a tuple once built)."""
@@ -155,7 +172,7 @@ class TranscribeOptions:
         # the old mode's default (then they were chosen, and are kept).
         if "mode" in overrides and overrides["mode"] != options.mode:
             old = cls(mode=options.mode)
-            for name in ("temperature", "condition_on_previous_text"):
+            for name in ("temperature", "condition_on_previous_text", "vad_filter", "vad_parameters"):
                 if getattr(options, name) == getattr(old, name):
                     overrides.setdefault(name, None)
         return dataclasses.replace(options, **overrides)

@@ -16,6 +16,7 @@ import numpy as np
 from whisperjax_cli.beam import beam_search_window
 from whisperjax_cli.decoding import LOOP_SPAN, BeamConfig, DecodeInputs, LoopConfig, decode_window, encode
 from whisperjax_cli.options import TranscribeOptions
+from whisperjax_cli.profile import Timings, maybe
 from whisperjax_cli.timestamps import TimestampConfig
 
 Array = jax.Array
@@ -162,7 +163,7 @@ class WindowDecoder:
         return encode(self.model.module, self.model.params, padded, np.int32(n))
 
     def decode(self, audio: Array, n: int, prompts: list[list[int]], tail: int, key,
-               holds: Optional[list[int]] = None) -> list[DecodingResult]:
+               holds: Optional[list[int]] = None, timings: Optional[Timings] = None) -> list[DecodingResult]:
         """Decodes rows ``[0, n)`` of encoder output ``audio``, with fallback per row.
 
         ``key`` is a PRNG key or a :class:`LazyKey`; it is only drawn from when sampling.
@@ -178,8 +179,9 @@ class WindowDecoder:
             if not todo:
                 break
             key, sub = key.split()
-            rows = self._decode_rows(audio, todo, [prompts[r] for r in todo], tail, temperature, sub,
-                                     None if holds is None else [holds[r] for r in todo])
+            with maybe(timings, "decode" if len(todo) == n and not any(tried) else "fallback decode"):
+                rows = self._decode_rows(audio, todo, [prompts[r] for r in todo], tail, temperature, sub,
+                                         None if holds is None else [holds[r] for r in todo])
             retry = []
             for r, res in zip(todo, rows):
                 results[r] = res
