@@ -275,3 +275,20 @@ def test_trained_language_classifier_generalises_and_reloads(tmp_path, tiny_en):
     assert [r.labels[0][0] for r in results] == [p for _, _, p in report.val_predictions]
     probs = np.array([[dict(r.labels)[l] for l in LANGUAGES] for r in results])
     np.testing.assert_allclose(probs, report.val_probs, atol=1e-4)
+
+
+def test_language_id_skips_leading_music(base, clip_audio):
+    """Language ID reads speech, not what comes before it: 40 s of loud synthetic music
+    (chords and a beat) before Russian speech is skipped by the VAD (an energy gate keeps it)."""
+    rate = SAMPLE_RATE
+    t = np.arange(40 * rate) / rate
+    chord = sum(np.sin(2 * np.pi * f * t) for f in (220, 277, 330, 440))
+    beat = (np.sin(2 * np.pi * 2 * t) > 0.9).astype(np.float32)
+    music = (0.1 * chord * (0.6 + 0.4 * beat)).astype(np.float32)
+    ru = clip_audio["russian-8k.wav"]
+    audio = np.concatenate([music, ru, ru])
+    labels = detect_language(base, audio, top_k=3)
+    assert labels[0][0] == "ru" and labels[0][1] > 0.8, labels
+    from whisperjax_cli.language import first_speech
+
+    assert abs(first_speech(audio) / rate - 39.0) < 1.0  # 1 s of context before the speech at 40 s

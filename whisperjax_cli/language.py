@@ -73,6 +73,20 @@ def speech_start(audio: np.ndarray, threshold_db: float = SILENCE_DB, context: f
     return max(0, first * HOP_LENGTH - int(context * SAMPLE_RATE))
 
 
+VAD_LOOKAHEAD = 600  # seconds of audio searched for the first speech
+
+
+def first_speech(audio: np.ndarray, context: float = CONTEXT_SECONDS) -> int:
+    """The sample ``context`` seconds before the first speech Silero VAD finds in the first
+    ``VAD_LOOKAHEAD`` seconds (faster-whisper's rules), else :func:`speech_start`'s."""
+    from whisperjax_cli.vad import speech_timestamps
+
+    speech = speech_timestamps(audio[: VAD_LOOKAHEAD * SAMPLE_RATE])
+    if not speech:
+        return speech_start(audio, context=context)
+    return max(0, speech[0]["start"] - int(context * SAMPLE_RATE))
+
+
 def language_windows(audio: np.ndarray, n_mels: int, windows: int = 1, skip_silence: bool = True):
     """Language-ID windows of 16 kHz ``audio`` and their weights.
 
@@ -80,10 +94,14 @@ def language_windows(audio: np.ndarray, n_mels: int, windows: int = 1, skip_sile
     faster-whisper's ``detect_language(audio)``). A window's weight is its count of non-silent
     frames, so a window that is mostly trailing silence counts little.
 
+    With ``skip_silence``, the windows start ``CONTEXT_SECONDS`` before the first speech that
+    Silero VAD finds (so leading music, noise or silence is skipped), or, when it finds none,
+    before the first loud frame (:func:`speech_start`).
+
     Returns:
       ``(mels float32 [n, N_FRAMES, n_mels], weights float64 [n])``, ``1 <= n <= windows``.
     """
-    start = speech_start(audio) if skip_silence else 0
+    start = first_speech(audio) if skip_silence else 0
     span = audio[start : start + windows * N_SAMPLES]
     mel = log_mel_spectrogram(span, n_mels, padding=HOP_LENGTH)[: windows * N_FRAMES]  # [frames, n_mels]
     n = max(1, math.ceil(mel.shape[0] / N_FRAMES))
