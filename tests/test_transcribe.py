@@ -73,7 +73,7 @@ def test_segment_starts_within_half_a_second_of_faster_whisper_on_every_clip(tin
 
 
 def test_batched_mode_keeps_the_words_and_the_order(tiny_en, long_audio, sequential, monkeypatch):
-    import whisperjax_cli.transcribe as module
+    import whisperjax_cli.longform as module
 
     seen, step = [], module.Transcriber.step
 
