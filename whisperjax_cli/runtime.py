@@ -1,4 +1,5 @@
-"""Process set-up before JAX starts: CPU threads, the device, the persistent compile cache.
+"""Process set-up before JAX starts: CPU threads, the device(s), the persistent compile cache,
+and joining the other processes of a multi-host run (:func:`start_distributed`).
 
 Compiled programs are JAX's own: each jitted function keeps its programs in memory, and JAX's
 persistent compilation cache keeps them on disk across processes (serialized XLA executables,
@@ -80,19 +81,94 @@ def enable_compile_cache(path: Path) -> None:
 def select_device(device: Optional[str]):
     """Checks that JAX can use ``device`` and makes it the default; returns the jax Device.
 
+    The device is one of this process's own (``jax.local_devices``): after
+    ``jax.distributed.initialize``, ``jax.devices()`` lists every process's devices, and the
+    first of them belongs to process 0. With one process the two lists are the same.
+
     Raises:
       UsageError: when no such device is available (exit code 2).
     """
     import jax
 
     if device is None:
-        return jax.devices()[0]
+        return jax.local_devices()[0]
     try:
-        found = jax.devices(_PLATFORMS[device])
+        found = jax.local_devices(backend=_PLATFORMS[device])
     except RuntimeError:
         raise UsageError(f"--device {device}", f"no {device.upper()} available to JAX ({_INSTALL_HINT[device]})") from None
     jax.config.update("jax_default_device", found[0])
     return found[0]
+
+
+def select_devices(device: Optional[str], count: Optional[int] = None) -> list:
+    """This process's devices of ``device``'s platform (JAX's default platform when None) and
+    of the first one's kind, for a data-parallel mesh; the first ``count`` of them, or all.
+
+    Raises:
+      UsageError: ``count`` below 1 or above what there is (exit code 2).
+    """
+    import jax
+
+    first = select_device(device)
+    same = [d for d in jax.local_devices(backend=first.platform) if d.device_kind == first.device_kind]
+    if count is None:
+        return same
+    if not 1 <= count <= len(same):
+        raise UsageError("--devices", f"must be from 1 to {len(same)} (the {first.platform} devices here), not {count}")
+    return same[:count]
+
+
+def prepare_process(device: Optional[str] = None, threads: Optional[int] = None) -> None:
+    """What must happen before JAX starts a backend: the thread limit and the platform list.
+
+    A no-op once ``jax`` is imported (XLA has read them by then). :func:`configure` and
+    :func:`start_distributed` call it; ``device`` must be None or one of :data:`DEVICES`.
+    """
+    if "jax" in sys.modules:
+        return
+    if threads is not None:
+        limit_threads(threads)
+    if device is not None:
+        # Only this platform is started, so a missing GPU plugin cannot slow or break start-up.
+        os.environ["JAX_PLATFORMS"] = _PLATFORMS[device]
+
+
+def start_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+                      process_id: Optional[int] = None, *, device: Optional[str] = None,
+                      threads: Optional[int] = None, timeout_s: int = 300) -> tuple[int, int]:
+    """Joins a run of several processes (hosts): ``jax.distributed.initialize``.
+
+    Must run before anything starts a JAX backend (the CLI calls it before :func:`configure`):
+    afterwards each backend lists every process's devices. With every argument None, JAX finds
+    the processes itself (SLURM, Open MPI, TPU pods). The processes exchange only small values
+    through the coordination service's key-value store
+    (:meth:`~whisperjax_cli.parallel_hosts.Processes.totals`) and never run a program
+    together, so the CPU backend gets no cross-process collectives: with JAX's default, gloo,
+    even a one-process sum over two CPU devices went through it and printed its connections
+    on stdout, where results go.
+
+    Args:
+      coordinator: ``HOST:PORT`` of process 0's coordination service.
+      num_processes, process_id: how many processes, and which this one is.
+      device, threads: as :func:`configure` (applied first, before JAX starts).
+      timeout_s: how long to wait for every process to join.
+    Returns:
+      ``(process_index, process_count)``.
+    Raises:
+      UsageError: an unknown ``device``, or the processes could not be joined.
+    """
+    if device is not None and device not in DEVICES:
+        raise UsageError(None, f"unknown device {device!r} (choose from {', '.join(DEVICES)})")
+    prepare_process(device, threads)
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", None)
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+                                   initialization_timeout=timeout_s)
+    except (RuntimeError, ValueError) as err:  # no coordinator reached, or no cluster detected
+        raise UsageError("--coordinator", f"cannot join the other processes: {str(err).splitlines()[0]}") from None
+    return jax.process_index(), jax.process_count()
 
 
 def configure(device: Optional[str] = None, threads: Optional[int] = None, compile_cache: bool = True):
@@ -109,12 +185,7 @@ def configure(device: Optional[str] = None, threads: Optional[int] = None, compi
     """
     if device is not None and device not in DEVICES:
         raise UsageError(None, f"unknown device {device!r} (choose from {', '.join(DEVICES)})")
-    fresh = "jax" not in sys.modules
-    if threads is not None and fresh:
-        limit_threads(threads)
-    if device is not None and fresh:
-        # Only this platform is started, so a missing GPU plugin cannot slow or break start-up.
-        os.environ["JAX_PLATFORMS"] = _PLATFORMS[device]
+    prepare_process(device, threads)
     try:
         selected = select_device(device)
     except RuntimeError as err:  # JAX_PLATFORMS set by the user to something absent
@@ -139,5 +210,5 @@ def default_device():
 
     device = jax.config.jax_default_device
     if device is None:
-        return jax.devices()[0]
-    return jax.devices(device)[0] if isinstance(device, str) else device
+        return jax.local_devices()[0]
+    return jax.local_devices(backend=device)[0] if isinstance(device, str) else device

@@ -16,6 +16,7 @@ import numpy as np
 from whisperjax_cli.beam import beam_search_window
 from whisperjax_cli.decoding import LOOP_SPAN, BeamConfig, DecodeInputs, LoopConfig, decode_window, encode
 from whisperjax_cli.options import TranscribeOptions
+from whisperjax_cli.parallel import placement_of
 from whisperjax_cli.profile import Timings, maybe
 from whisperjax_cli.timestamps import TimestampConfig
 
@@ -42,9 +43,11 @@ def left_pad(prompts: list[list[int]], length: int, fill: int) -> tuple[np.ndarr
     return out, pad
 
 
-def batch_bucket(n: int) -> int:
-    """Rows a batch of ``n`` windows is padded to (beyond the largest bucket: ``n`` itself)."""
-    return bucket(n, BATCH_BUCKETS) if n <= BATCH_BUCKETS[-1] else n
+def batch_bucket(n: int, multiple: int = 1) -> int:
+    """Rows a batch of ``n`` windows is padded to (beyond the largest bucket: ``n`` itself),
+    rounded up to a ``multiple`` of the devices the batch is spread over."""
+    size = bucket(n, BATCH_BUCKETS) if n <= BATCH_BUCKETS[-1] else n
+    return -(-size // multiple) * multiple
 
 
 def vocab_mask(ids, vocab: int) -> np.ndarray:
@@ -133,17 +136,22 @@ class WindowDecoder:
     """Decodes batches of 30 s mel windows with OpenAI's temperature fallback.
 
     Holds the model and the static pieces derived once from the options (masks, loop config);
-    each call pads the batch to a bucket so a run compiles a handful of shapes.
+    each call pads the batch to a bucket so a run compiles a handful of shapes. A model whose
+    parameters live on a mesh of devices (:func:`~whisperjax_cli.parallel.place_model`) has
+    each batch spread over them (:class:`~whisperjax_cli.parallel.DataParallel`).
     """
 
     def __init__(self, model, options: TranscribeOptions):
         tok = model.tokenizer
         self.model, self.options, self.tokenizer = model, options, tok
+        self.placement = placement_of(model.params)  # None: one device
+        self.multiple = 1 if self.placement is None else self.placement.size
+        put = jax.device_put if self.placement is None else self.placement.whole
         vocab = model.dims.n_vocab
         # device_put, not jnp.asarray: that compiled a program for each mask in every new process.
-        self.suppress_mask = jax.device_put(vocab_mask(suppressed_ids(tok, options.suppress_tokens), vocab))
+        self.suppress_mask = put(vocab_mask(suppressed_ids(tok, options.suppress_tokens), vocab))
         blank = tok.encode(" ") + [tok.eot] if options.suppress_blank else []
-        self.begin_mask = jax.device_put(vocab_mask(blank, vocab))
+        self.begin_mask = put(vocab_mask(blank, vocab))
         ts = None
         if not options.without_timestamps:
             max_initial = None
@@ -157,9 +165,11 @@ class WindowDecoder:
         """Encoder output for ``mels`` ``[batch, 3000, n_mels]``, batch padded to a bucket
         (padding rows past the last chunk holding a window are not encoded: zeros)."""
         n = mels.shape[0]
-        size = batch_bucket(n)
+        size = batch_bucket(n, self.multiple)
         padded = np.zeros((size, *mels.shape[1:]), np.float32)
         padded[:n] = mels
+        if self.placement is not None:
+            return self.placement.encode(self.model.module, self.model.params, padded, np.int32(n))
         return encode(self.model.module, self.model.params, padded, np.int32(n))
 
     def decode(self, audio: Array, n: int, prompts: list[list[int]], tail: int, key,
@@ -220,7 +230,7 @@ class WindowDecoder:
         opts = self.options
         # best-of samples of one window are consecutive rows sharing its audio (a group).
         repeat = opts.best_of if temperature > 0 and opts.best_of else 1
-        size = batch_bucket(len(rows))
+        size = batch_bucket(len(rows), self.multiple)
         gather = np.asarray(rows + [rows[0]] * (size - len(rows)))
         prompt_len = bucket(max(len(p) for p in prompts), PROMPT_BUCKETS)
         padded, pad = left_pad([p for p in prompts + [prompts[0]] * (size - len(rows)) for _ in range(repeat)],
@@ -242,7 +252,10 @@ class WindowDecoder:
         inputs = DecodeInputs(audio, padded, pad, np.int32(prompt_len - tail), self.suppress_mask, self.begin_mask,
                               np.float32(temperature), draw, hold)
         program = decode_window if config.beam is None else beam_search_window
-        out = program(self.model.module, self.model.params, inputs, config)
+        if self.placement is not None:
+            out = self.placement.decode(program, self.model.module, self.model.params, inputs, config)
+        else:
+            out = program(self.model.module, self.model.params, inputs, config)
         tokens, sums, no_speech, looped = jax.device_get((out.tokens, out.sum_logprobs, out.no_speech_prob, out.looped))
         looped = np.zeros(len(sums), bool) if looped is None else looped  # beam search: never stopped
         results = [self._result(tokens[j], sums[j], no_speech[j], temperature, bool(looped[j]))

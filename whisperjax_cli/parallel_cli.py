@@ -1,0 +1,209 @@
+"""The command line on many devices and many processes: the flags, and ``wjx transcribe``'s body
+with the hooks that use them.
+
+:func:`parallel_options` adds ``--devices``, ``--param-shards``, ``--coordinator``,
+``--num-processes``, ``--process-id`` and ``--distributed/--no-distributed`` to a command.
+:func:`run_transcribe_parallel` is ``cli.run_transcribe`` with the hooks in place (join the
+run, take this process's share, spread the model over the devices, size the batch, sum the
+counts over the processes); :func:`transcribe_command` is ``wjx transcribe`` with the flags,
+runnable on its own (``transcribe_command().main(args)``). This module imports cli.py only
+inside functions, so cli.py can import it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional
+
+import click
+
+from whisperjax_cli.cli_common import EXIT_FAILED, EXIT_OK, run_guarded, say
+from whisperjax_cli.errors import UsageError
+from whisperjax_cli.parallel_hosts import Processes, distributed_request, start_processes
+from whisperjax_cli.progress import Reporter, format_eta
+
+
+def _devices_value(ctx, param, value) -> Optional[int]:
+    """``--devices``: ``all`` (None) or a count of at least 1."""
+    if value is None or str(value).lower() == "all":
+        return None
+    if not str(value).isdigit() or int(value) < 1:
+        raise click.BadParameter(f"must be 'all' or a count of at least 1, not {value!r}")
+    return int(value)
+
+
+def parallel_options(fn):
+    """Flags for running on several devices and several processes (hosts)."""
+    options = [
+        click.option("--devices", default="all", show_default=True, callback=_devices_value,
+                     help="Devices of the chosen platform to spread each batch over: all, or a count."),
+        click.option("--param-shards", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Split large parameters over this many devices each (a model too big for one)."),
+        click.option("--coordinator", default=None, metavar="HOST:PORT",
+                     help="Process 0's address, for a run of several processes (with the next two)."),
+        click.option("--num-processes", type=click.IntRange(min=1), default=None, help="Processes in the run."),
+        click.option("--process-id", type=click.IntRange(min=0), default=None, help="This process's number, from 0."),
+        click.option("--distributed/--no-distributed", default=None,
+                     help="Join a multi-process run found by JAX (SLURM, Open MPI, TPU pods) [yes when detected]."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def start_run(o: dict) -> Processes:
+    """Joins the run the flags (or the environment) describe; before JAX starts.
+
+    Raises:
+      UsageError: inconsistent flags, or several processes writing to stdout (``-o -``).
+    """
+    request = distributed_request(o.get("coordinator"), o.get("num_processes"), o.get("process_id"),
+                                  o.get("distributed"))
+    if request is not None and o.get("output_dir") == "-":
+        raise UsageError(None, "-o - (stdout) cannot be shared by several processes: give an output folder")
+    return start_processes(request, o.get("device"), o.get("threads"))
+
+
+def spread_model(model, o: dict):
+    """``model`` on this process's ``--devices`` (a mesh; the model itself for one device).
+
+    Raises:
+      UsageError: more devices asked than there are, or ``--param-shards`` not dividing them.
+    """
+    from whisperjax_cli import runtime
+    from whisperjax_cli.parallel import place_model
+
+    devices = runtime.select_devices(o.get("device"), o.get("devices"))
+    shards = o.get("param_shards") or 1
+    if len(devices) % shards:
+        raise UsageError("--param-shards", f"must divide the {len(devices)} devices, not {shards}")
+    return place_model(model, devices, shards)
+
+
+def batch_options(options, model, given: Optional[int]):
+    """``options`` with the batch size for ``model``'s devices: ``given`` (``--batch-size``,
+    all devices together), or per device what its memory holds times the devices
+    (:func:`whisperjax_cli.parallel.default_batch_size`; 8 on a CPU, as before)."""
+    import jax
+    import numpy as np
+
+    from whisperjax_cli.options import MAX_BATCH, TranscribeOptions
+    from whisperjax_cli.parallel import default_batch_size, placement_of, total_batch_size
+
+    if given is not None:
+        return options
+    placement = placement_of(model.params)
+    devices = [jax.tree.leaves(model.params)[0].devices().pop()] if placement is None else list(
+        placement.mesh.devices.flat)
+    sampled = any(t > 0 for t in options.temperatures)
+    rows = max(options.beam_size or 1, (options.best_of or 1) if sampled else 1)
+    per_device = default_batch_size(devices[0], model.dims, np.dtype(model.dtype).itemsize, rows)
+    total = min(MAX_BATCH, total_batch_size(per_device, 1 if placement is None else placement.size))
+    return TranscribeOptions.create(options, batch_size=total)
+
+
+class CountingReporter(Reporter):
+    """A :class:`Reporter` that also counts what it was told finished, for the run's summary
+    over every process."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.written, self.audio = 0, 0.0
+
+    def finished(self, index: int, ok: bool = True, seconds: float = 0.0) -> None:
+        super().finished(index, ok, seconds)
+        self.written += bool(ok)
+        self.audio += seconds if ok else 0.0
+
+
+def summary_line(where: str, written: int, failed: int, skipped: int, audio: float, wall: float, processes: int) -> str:
+    """The closing line of a run of several processes (Reporter.summary's, over all of them),
+    without the ``wjx: `` that :func:`~whisperjax_cli.cli_common.say` adds."""
+    parts = [f"{written} written to {where} by {processes} processes"]
+    parts += [f"{failed} failed"] if failed else []
+    parts += [f"{skipped} skipped"] if skipped else []
+    rtfx = f", {audio / wall:.1f}x real time" if wall > 0 and audio > 0 else ""
+    return f"{', '.join(parts)}; {format_eta(audio)} of audio in {wall:.1f} s{rtfx}"
+
+
+def run_transcribe_parallel(o: dict) -> int:
+    """``cli.run_transcribe`` with the multi-device and multi-process hooks; returns the exit code.
+
+    Every process returns the same code: 1 when any input failed in any process. A process
+    whose own part raised still joins the closing sums (as one failure), so the others do not
+    wait for it forever; it then raises as it would alone.
+    """
+    from whisperjax_cli.cli import _check_options, transcribe_options
+
+    started = time.monotonic()
+    options = transcribe_options(o)  # every bad value is a usage error here, before anything slow
+    formats, output_dir = _check_options(o)
+    processes = start_run(o)
+    done = None
+    try:
+        done = _transcribe_share(o, options, formats, output_dir, processes)
+    finally:
+        counts = (1, 0, 0, 0) if done is None else (done[0], done[1], done[2].written, round(done[2].audio * 1000))
+        failed, skipped, written, audio_ms = processes.totals(counts)
+        processes.close()
+    where = "stdout" if output_dir is None else str(output_dir)
+    if processes.count == 1:
+        if done[2].labels:  # alone and with nothing to decode: no summary, as cli.run_transcribe
+            done[2].summary(where=where, failed=failed, skipped=skipped)
+    elif processes.first and not o["quiet"]:
+        say(summary_line(where, written, failed, skipped, audio_ms / 1000, time.monotonic() - started,
+                         processes.count))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _transcribe_share(o: dict, options, formats, output_dir, processes: Processes) -> tuple[int, int, CountingReporter]:
+    """This process's share of the run: ``(failed, skipped, reporter)``."""
+    from whisperjax_cli.cli import _transcribe_all
+    from whisperjax_cli.cli_common import load_for_cli
+    from whisperjax_cli.cli_files import collect_inputs, existing_outputs
+
+    inputs, errors = collect_inputs(o["inputs"])
+    errors = errors if processes.first else []  # every process finds the same; counted once
+    for line in errors:
+        say(line)
+    inputs = processes.share(inputs)
+    skipped = 0
+    if output_dir is not None and o["skip_existing"]:
+        done = [existing_outputs(i, output_dir, formats) for i in inputs]
+        if not o["quiet"]:
+            for i in (i for i, d in zip(inputs, done) if d):
+                say(f"{i.label}: skipped, its outputs exist")
+        skipped = sum(done)
+        inputs = [i for i, d in zip(inputs, done) if not d]
+    show = o["show_progress"]
+    if show is None:
+        show = not o["quiet"] and sys.stderr.isatty()
+    reporter = CountingReporter([i.label for i in inputs], show_progress=show and bool(inputs),
+                                verbose=o["verbose"], quiet=o["quiet"])
+    if not inputs:
+        return len(errors), skipped, reporter
+    from whisperjax_cli.loading import throughput_dtype
+
+    dtype = o["dtype"] or (throughput_dtype(o["device"]) if options.mode == "batched" else None)
+    with reporter:
+        with reporter.status(f"loading {o['model']}"):
+            model = spread_model(load_for_cli(o["model"], o["device"], dtype, o["threads"], o["no_compile_cache"]), o)
+        options = batch_options(options, model, o["batch_size"])
+        failed = len(errors) + _transcribe_all(model, inputs, formats, output_dir, reporter, options, o["debug"])
+    return failed, skipped, reporter
+
+
+def transcribe_command() -> click.Command:
+    """``wjx transcribe`` with :func:`parallel_options`, running :func:`run_transcribe_parallel`
+    (``transcribe_command().main(["--coordinator", ..., "FILE"])``)."""
+    from whisperjax_cli import cli
+
+    def transcribe(**o) -> None:
+        run_guarded(o["debug"], lambda: run_transcribe_parallel(o))
+
+    command = click.command("transcribe", help=cli.transcribe.help, epilog=cli.transcribe.epilog)(
+        parallel_options(transcribe))
+    added = {p.name for p in command.params}
+    command.params = [p for p in cli.transcribe.params if p.name not in added] + command.params
+    return command
