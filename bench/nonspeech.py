@@ -4,7 +4,7 @@ batched) against faster-whisper with ``vad_filter=True``, in the same run, per m
 
     python bench/nonspeech.py --models tiny.en base --seeds 3
 
-The audio (~6.5 min at 16 kHz, fixed seed, cached in bench/out/nonspeech.wav with its reference
+The audio (5.7 min at 16 kHz, 98 s of it speech, fixed seed, cached in bench/out/nonspeech.wav with its reference
 in nonspeech.json) is ten espeak-ng passages of varied English (several voices and speeds; the
 reference text is what espeak was given) between eleven 15-38 s stretches of synthetic
 non-speech made with numpy: music (chords with harmonics, a bass line, a melody, kick, snare and
@@ -24,7 +24,8 @@ Systems, each model, same run:
   (greedy as wjx's default; faster-whisper's own default is beam 5).
 * ``fw-batched``: ``BatchedInferencePipeline(model).transcribe(audio, batch_size=8)`` with its
   defaults (its VAD; beam 5; first temperature alone), and ``fw-batched-greedy`` the same with
-  ``beam_size=1`` (wjx-batched's search), as the speed comparison at equal work.
+  ``beam_size=1`` (wjx-batched's search), the speed comparison nearest equal work (its
+  pipeline still decodes without timestamp tokens, wjx's with them).
 * Context: ``fw-novad`` and ``wjx-seq-novad``, the sequential loops over the whole file
   (``--context-seeds`` passes, 1 by default, to keep the run under ~40 min on 2 cores).
 
@@ -32,8 +33,9 @@ Fallback sampling is random on both sides, so every row runs ``--seeds`` passes,
 (``jax.random.PRNGKey(seed)``; ``ctranslate2.set_random_seed(seed)``, which does not make
 CTranslate2's sampling repeat, OpenNMT/CTranslate2#1757), and reports means. The passes of all
 rows alternate (per seed one pass of each row in turn), so every ratio is over the same minutes
-of a machine whose speed drifts. wjx compiles its decode programs first (every prompt bucket at
-temperature 0 and > 0, and one untimed pass of each row); faster-whisper warms up on a minute.
+of a machine whose speed drifts. wjx compiles its programs first (sequential rows: every prompt
+bucket at temperature 0 and > 0, a 90 s pass and the VAD over the whole file; batched rows, which
+decode at temperature 0 alone: one untimed pass); faster-whisper warms up on a minute.
 
 OMP_WAIT_POLICY is PASSIVE unless set (see the comment at the top of the code).
 
@@ -42,8 +44,13 @@ English normalizer (whisper-normalizer) and jiwer; *words in non-speech*: the wo
 tokens with a letter or digit) of the segments that lie mostly (> 50 % of their duration, or
 their instant if they have none) outside the speech passages widened by 0.5 s each side, the same
 rule for both implementations (``norm words`` counts them after the normalizer, which drops
-bracketed annotations such as "(music)"); seconds of the transcribe call (VAD, feature
-extraction and decoding; the audio is already in memory) and RTFx = audio seconds / seconds.
+bracketed annotations such as "(music)"; ``ins`` counts those of them that the WER alignment
+calls insertions, i.e. text that reads no speech at all). Most flagged words are real speech
+whose segment start was mapped back to the end of the previous speech chunk: a segment that
+begins on a seam of the VAD-packed audio then spans the whole non-speech gap, on either side;
+``ins`` tells such segments from hallucinations over music or noise. Seconds of the transcribe
+call (VAD, feature extraction and decoding; the audio is already in memory) and RTFx = audio
+seconds / seconds.
 
 Bar (issue #23): words in non-speech of wjx-seq-vad <= fw-vad's; WER(wjx-seq-vad) <=
 WER(fw-vad) + 1; WER(wjx-batched) <= WER(wjx-seq-vad) + 2; and the speed ratios of wjx-batched
