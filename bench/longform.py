@@ -224,7 +224,6 @@ def main() -> int:
     from faster_whisper import WhisperModel as FasterWhisper
 
     from whisperjax_cli.loading import load_model, throughput_dtype
-    from whisperjax_cli.runtime import clear_programs
 
     OUT.mkdir(parents=True, exist_ok=True)
     audio, reference = synthesise(OUT / "longform.wav")
@@ -280,7 +279,7 @@ def main() -> int:
             ours.append(pass_ours(wjx_model, audio, seed, **kwargs))
         # Each row compiles every bucket it may meet; all rows' programs at once exhaust
         # vm.max_map_count (XLA:CPU maps each program's code), so each row's are dropped.
-        clear_programs()
+        jax.clear_caches()  # drop each row's programs (XLA:CPU maps their code; see vm.max_map_count)
         fw_runs[fw_name] += theirs
         r = results[name] = summary(ours)
         f = r["alongside"] = dict(row=fw_name, **summary(theirs))

@@ -76,6 +76,9 @@ def speech_spans(quiet: np.ndarray, start: int, end: int) -> list[tuple[int, int
     return spans
 
 
+SEAM_SLACK = 10  # frames: see Timeline.to_source
+
+
 @dataclasses.dataclass(frozen=True)
 class Timeline:
     """Spans of a file laid end to end (the audio batched mode decodes), and the way back."""
@@ -92,13 +95,17 @@ class Timeline:
         return int(self.packed_starts[-1])
 
     def to_source(self, seconds: float, end: bool = False) -> float:
-        """A packed time in seconds → the file's. A time on a seam is the next span's start,
-        or with ``end`` the previous span's end (so a segment keeps to the speech it covers)."""
+        """A packed time in seconds → the file's. A start within ``SEAM_SLACK`` before a seam is
+        the next span's start, an end as close after one the previous span's end: the model's
+        20 ms timestamps land a little off the seams, and a segment that starts just before
+        one would otherwise cover all the audio left out there."""
         if not self.spans:
             return seconds
         frame = seconds * FRAMES_PER_SECOND
+        shifted = frame - SEAM_SLACK if end else frame + SEAM_SLACK
         side = "left" if end else "right"
-        i = int(np.clip(np.searchsorted(self.packed_starts, frame, side) - 1, 0, len(self.spans) - 1))
+        i = int(np.clip(np.searchsorted(self.packed_starts, shifted, side) - 1, 0, len(self.spans) - 1))
+        frame = min(max(frame, self.packed_starts[i]), self.packed_starts[i + 1])  # inside span i
         return float(self.spans[i][0] + frame - self.packed_starts[i]) / FRAMES_PER_SECOND
 
     def audio(self, audio: np.ndarray) -> np.ndarray:
