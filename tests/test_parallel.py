@@ -230,10 +230,8 @@ def free_port() -> int:
 
 
 def wjx_transcribe(args: list, env: dict, cwd: Path) -> subprocess.Popen:
-    code = ("import sys; from whisperjax_cli.parallel_cli import transcribe_command; "
-            "transcribe_command().main(sys.argv[1:], prog_name='wjx transcribe')")
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=env, cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen([sys.executable, "-m", "whisperjax_cli", "transcribe", *map(str, args)], env=env,
+                            cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def finish(runs: list) -> list[tuple[int, str]]:

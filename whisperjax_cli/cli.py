@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Optional
@@ -21,6 +22,9 @@ from whisperjax_cli.cli_common import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, E
                                        runtime_options, say)
 from whisperjax_cli.cli_files import Input, Outputs, collect_inputs, existing_outputs
 from whisperjax_cli.cli_vad import VAD_FLAGS, vad, vad_flags, vad_options_from_flags
+from whisperjax_cli.parallel_cli import (CountingReporter, batch_options, parallel_options, spread_model, start_run,
+                                         summary_line)
+from whisperjax_cli.parallel_hosts import Processes
 from whisperjax_cli.errors import UsageError
 from whisperjax_cli.writers import ALL_FORMATS, FORMATS
 
@@ -174,7 +178,8 @@ def transcribe_options(o: dict):
 @click.option("--no-speech-threshold", type=float, default=None, help="Silence above this no-speech prob [0.6].")
 @click.option("--mode", type=click.Choice(["sequential", "batched"]), default="sequential", show_default=True,
               help="sequential: OpenAI's long-form loop; batched: pauses shortened, cut into windows decoded side by side.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Windows decoded together [8].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Windows decoded together, over all devices [8 per device on CPU; from memory on GPU/TPU].")
 @click.option("--vad/--no-vad", "vad_filter", default=None,
               help="Decode only speech found by Silero VAD (faster-whisper's vad_filter) [sequential: no; batched: yes].")
 @vad_flags
@@ -183,6 +188,7 @@ def transcribe_options(o: dict):
 @click.option("-v", "--verbose", is_flag=True, help="Print '[mm:ss.mmm --> mm:ss.mmm] text' on stderr as decoded.")
 @click.option("--progress/--no-progress", "show_progress", default=None, hidden=True,
               help="Force progress bars on or off (default: on when stderr is a terminal).")
+@parallel_options
 @runtime_options
 def transcribe(**options) -> None:
     """Transcribe audio FILEs (folders are searched; '-' reads stdin)."""
@@ -204,14 +210,42 @@ def _check_options(o: dict) -> tuple[list[str], Optional[Path]]:
 
 
 def run_transcribe(o: dict) -> int:
-    """The transcribe command's body; returns the exit code."""
-    from whisperjax_cli.progress import Reporter
+    """The transcribe command's body, on this process's devices and share of the inputs
+    (several processes: ``--coordinator`` ..., see :mod:`whisperjax_cli.parallel_cli`); returns
+    the exit code.
 
+    Every process returns the same code: 1 when any input failed in any process. A process
+    whose own part raised still joins the closing sums (as one failure), so the others do not
+    wait for it forever; it then raises as it would alone.
+    """
+    started = time.monotonic()
     options = transcribe_options(o)  # every bad value is a usage error here, before anything slow
     formats, output_dir = _check_options(o)
+    processes = start_run(o)
+    done = None
+    try:
+        done = _transcribe_share(o, options, formats, output_dir, processes)
+    finally:
+        counts = (1, 0, 0, 0) if done is None else (done[0], done[1], done[2].written, round(done[2].audio * 1000))
+        failed, skipped, written, audio_ms = processes.totals(counts)
+        processes.close()
+    where = "stdout" if output_dir is None else str(output_dir)
+    if processes.count == 1:
+        if done[2].labels:  # alone and with nothing to decode: no summary, as cli.run_transcribe
+            done[2].summary(where=where, failed=failed, skipped=skipped)
+    elif processes.first and not o["quiet"]:
+        say(summary_line(where, written, failed, skipped, audio_ms / 1000, time.monotonic() - started,
+                         processes.count))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _transcribe_share(o: dict, options, formats, output_dir, processes: Processes) -> tuple[int, int, CountingReporter]:
+    """This process's share of the run: ``(failed, skipped, reporter)``."""
     inputs, errors = collect_inputs(o["inputs"])
+    errors = errors if processes.first else []  # every process finds the same; counted once
     for line in errors:
         say(line)
+    inputs = processes.share(inputs)
     skipped = 0
     if output_dir is not None and o["skip_existing"]:
         done = [existing_outputs(i, output_dir, formats) for i in inputs]
@@ -220,20 +254,22 @@ def run_transcribe(o: dict) -> int:
                 say(f"{i.label}: skipped, its outputs exist")
         skipped = sum(done)
         inputs = [i for i, d in zip(inputs, done) if not d]
-    if not inputs:
-        return EXIT_FAILED if errors else EXIT_OK
-    from whisperjax_cli.loading import throughput_dtype
-
-    dtype = o["dtype"] or (throughput_dtype(o["device"]) if options.mode == "batched" else None)
     show = o["show_progress"]
     if show is None:
         show = not o["quiet"] and sys.stderr.isatty()
-    with Reporter([i.label for i in inputs], show_progress=show, verbose=o["verbose"], quiet=o["quiet"]) as reporter:
+    reporter = CountingReporter([i.label for i in inputs], show_progress=show and bool(inputs),
+                                verbose=o["verbose"], quiet=o["quiet"])
+    if not inputs:
+        return len(errors), skipped, reporter
+    from whisperjax_cli.loading import throughput_dtype
+
+    dtype = o["dtype"] or (throughput_dtype(o["device"]) if options.mode == "batched" else None)
+    with reporter:
         with reporter.status(f"loading {o['model']}"):
-            model = load_for_cli(o["model"], o["device"], dtype, o["threads"], o["no_compile_cache"])
+            model = spread_model(load_for_cli(o["model"], o["device"], dtype, o["threads"], o["no_compile_cache"]), o)
+        options = batch_options(options, model, o["batch_size"])
         failed = len(errors) + _transcribe_all(model, inputs, formats, output_dir, reporter, options, o["debug"])
-    reporter.summary(where="stdout" if output_dir is None else str(output_dir), failed=failed, skipped=skipped)
-    return EXIT_FAILED if failed else EXIT_OK
+    return failed, skipped, reporter
 
 
 def _transcribe_all(model, inputs: list[Input], formats, output_dir, reporter, options, debug: bool) -> int:

@@ -18,6 +18,7 @@ import click
 from whisperjax_cli.cli_common import (DTYPES, EXIT_FAILED, EXIT_OK, describe, load_for_cli, run_guarded,
                                        runtime_options, say)
 from whisperjax_cli.cli_files import Input, collect_inputs
+from whisperjax_cli.parallel_cli import process_options
 from whisperjax_cli.errors import UsageError
 
 # ---------------------------------------------------------------- classify
@@ -109,6 +110,7 @@ def _load_classify_model(name: str, dtype=None):
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
 @click.option("--progress/--no-progress", "show_progress", default=None, hidden=True,
               help="Force the progress bar on or off (default: on when stderr is a terminal).")
+@process_options
 @_classify_runtime_options(
     "A multilingual Whisper for spoken-language ID (a directory, base, or a Hub id such as "
     "openai/whisper-small), or a classifier folder from 'wjx classify train'.")
@@ -122,14 +124,32 @@ def classify(**options) -> None:
 
 
 def run_classify(o: dict) -> int:
-    """The classify command's body; returns the exit code."""
+    """The classify command's body; returns the exit code. Several processes (``--coordinator``
+    ...) each classify their share of the inputs and print their own rows; every one exits 1
+    when an input failed in any of them."""
+    from whisperjax_cli.parallel_cli import start_run
+
+    processes = start_run({**o, "output_dir": None})
+    failed = None
+    try:
+        failed = _classify_share(o, processes)
+    finally:
+        (total,) = processes.totals((1 if failed is None else failed,), tag="classify")
+        processes.close()
+    return EXIT_FAILED if total else EXIT_OK
+
+
+def _classify_share(o: dict, processes) -> int:
+    """This process's share of the inputs, classified and printed; returns how many failed."""
     from whisperjax_cli.progress import Reporter
 
     inputs, errors = collect_inputs(o["inputs"])
+    errors = errors if processes.first else []  # every process finds the same; counted once
     for line in errors:
         say(line)
+    inputs = processes.share(inputs)
     if not inputs:
-        return EXIT_FAILED if errors else EXIT_OK
+        return len(errors)
     model = load_for_cli(o["model"], o["device"], o["dtype"], o["threads"], o["no_compile_cache"],
                          loader=_load_classify_model)
     show = o["show_progress"]
@@ -143,7 +163,7 @@ def run_classify(o: dict) -> int:
         from whisperjax_cli.tokenizer import LANGUAGES
 
         print_classify_table(rows, stdout, names=None if isinstance(model, ClassifierModel) else LANGUAGES)
-    return EXIT_FAILED if failed or errors else EXIT_OK
+    return failed + len(errors)
 
 
 def _classify_all(model, inputs: list[Input], reporter, stdout, o: dict) -> tuple[list, int]:

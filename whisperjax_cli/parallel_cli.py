@@ -1,13 +1,10 @@
 """The command line on many devices and many processes: the flags, and ``wjx transcribe``'s body
-with the hooks that use them.
+with the hooks that use them (called by ``cli.run_transcribe``).
 
 :func:`parallel_options` adds ``--devices``, ``--param-shards``, ``--coordinator``,
-``--num-processes``, ``--process-id`` and ``--distributed/--no-distributed`` to a command.
-:func:`run_transcribe_parallel` is ``cli.run_transcribe`` with the hooks in place (join the
-run, take this process's share, spread the model over the devices, size the batch, sum the
-counts over the processes); :func:`transcribe_command` is ``wjx transcribe`` with the flags,
-runnable on its own (``transcribe_command().main(args)``). This module imports cli.py only
-inside functions, so cli.py can import it.
+``--num-processes``, ``--process-id`` and ``--distributed/--no-distributed`` to a command; the
+hooks join the run, spread the model over the devices, size the batch, and sum the counts over
+the processes. This module does not import cli.py.
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ from typing import Optional
 
 import click
 
-from whisperjax_cli.cli_common import EXIT_FAILED, EXIT_OK, run_guarded, say
 from whisperjax_cli.errors import UsageError
 from whisperjax_cli.parallel_hosts import Processes, distributed_request, start_processes
 from whisperjax_cli.progress import Reporter, format_eta
@@ -49,6 +45,15 @@ def parallel_options(fn):
     ]
     for option in reversed(options):
         fn = option(fn)
+    return fn
+
+
+def process_options(fn):
+    """Only the flags of a run of several processes (``wjx classify``: one device each)."""
+    kept = {"coordinator", "num_processes", "process_id", "distributed"}
+    fn = parallel_options(fn)
+    fn.__click_params__[:] = [p for p in fn.__click_params__ if p.name in kept or p.name not in
+                              {"devices", "param_shards"}]
     return fn
 
 
@@ -125,85 +130,3 @@ def summary_line(where: str, written: int, failed: int, skipped: int, audio: flo
     parts += [f"{skipped} skipped"] if skipped else []
     rtfx = f", {audio / wall:.1f}x real time" if wall > 0 and audio > 0 else ""
     return f"{', '.join(parts)}; {format_eta(audio)} of audio in {wall:.1f} s{rtfx}"
-
-
-def run_transcribe_parallel(o: dict) -> int:
-    """``cli.run_transcribe`` with the multi-device and multi-process hooks; returns the exit code.
-
-    Every process returns the same code: 1 when any input failed in any process. A process
-    whose own part raised still joins the closing sums (as one failure), so the others do not
-    wait for it forever; it then raises as it would alone.
-    """
-    from whisperjax_cli.cli import _check_options, transcribe_options
-
-    started = time.monotonic()
-    options = transcribe_options(o)  # every bad value is a usage error here, before anything slow
-    formats, output_dir = _check_options(o)
-    processes = start_run(o)
-    done = None
-    try:
-        done = _transcribe_share(o, options, formats, output_dir, processes)
-    finally:
-        counts = (1, 0, 0, 0) if done is None else (done[0], done[1], done[2].written, round(done[2].audio * 1000))
-        failed, skipped, written, audio_ms = processes.totals(counts)
-        processes.close()
-    where = "stdout" if output_dir is None else str(output_dir)
-    if processes.count == 1:
-        if done[2].labels:  # alone and with nothing to decode: no summary, as cli.run_transcribe
-            done[2].summary(where=where, failed=failed, skipped=skipped)
-    elif processes.first and not o["quiet"]:
-        say(summary_line(where, written, failed, skipped, audio_ms / 1000, time.monotonic() - started,
-                         processes.count))
-    return EXIT_FAILED if failed else EXIT_OK
-
-
-def _transcribe_share(o: dict, options, formats, output_dir, processes: Processes) -> tuple[int, int, CountingReporter]:
-    """This process's share of the run: ``(failed, skipped, reporter)``."""
-    from whisperjax_cli.cli import _transcribe_all
-    from whisperjax_cli.cli_common import load_for_cli
-    from whisperjax_cli.cli_files import collect_inputs, existing_outputs
-
-    inputs, errors = collect_inputs(o["inputs"])
-    errors = errors if processes.first else []  # every process finds the same; counted once
-    for line in errors:
-        say(line)
-    inputs = processes.share(inputs)
-    skipped = 0
-    if output_dir is not None and o["skip_existing"]:
-        done = [existing_outputs(i, output_dir, formats) for i in inputs]
-        if not o["quiet"]:
-            for i in (i for i, d in zip(inputs, done) if d):
-                say(f"{i.label}: skipped, its outputs exist")
-        skipped = sum(done)
-        inputs = [i for i, d in zip(inputs, done) if not d]
-    show = o["show_progress"]
-    if show is None:
-        show = not o["quiet"] and sys.stderr.isatty()
-    reporter = CountingReporter([i.label for i in inputs], show_progress=show and bool(inputs),
-                                verbose=o["verbose"], quiet=o["quiet"])
-    if not inputs:
-        return len(errors), skipped, reporter
-    from whisperjax_cli.loading import throughput_dtype
-
-    dtype = o["dtype"] or (throughput_dtype(o["device"]) if options.mode == "batched" else None)
-    with reporter:
-        with reporter.status(f"loading {o['model']}"):
-            model = spread_model(load_for_cli(o["model"], o["device"], dtype, o["threads"], o["no_compile_cache"]), o)
-        options = batch_options(options, model, o["batch_size"])
-        failed = len(errors) + _transcribe_all(model, inputs, formats, output_dir, reporter, options, o["debug"])
-    return failed, skipped, reporter
-
-
-def transcribe_command() -> click.Command:
-    """``wjx transcribe`` with :func:`parallel_options`, running :func:`run_transcribe_parallel`
-    (``transcribe_command().main(["--coordinator", ..., "FILE"])``)."""
-    from whisperjax_cli import cli
-
-    def transcribe(**o) -> None:
-        run_guarded(o["debug"], lambda: run_transcribe_parallel(o))
-
-    command = click.command("transcribe", help=cli.transcribe.help, epilog=cli.transcribe.epilog)(
-        parallel_options(transcribe))
-    added = {p.name for p in command.params}
-    command.params = [p for p in cli.transcribe.params if p.name not in added] + command.params
-    return command
