@@ -115,10 +115,22 @@ def main() -> None:
 
 OPTION_FLAGS = ("task", "language", "beam_size", "best_of", "patience", "length_penalty", "initial_prompt",
                 "condition_on_previous_text", "compression_ratio_threshold", "logprob_threshold",
-                "no_speech_threshold", "stop_loops", "mode", "batch_size")
+                "no_speech_threshold", "stop_loops", "mode", "batch_size", "prepend_punctuations",
+                "append_punctuations", "refine_word_timestamps", "hallucination_silence_threshold")
+SUBTITLE_FLAGS = ("highlight_words", "max_line_width", "max_line_count", "max_words_per_line")
+WORD_FLAGS = SUBTITLE_FLAGS + ("prepend_punctuations", "append_punctuations", "refine_word_timestamps",
+                               "hallucination_silence_threshold")
 
 
 VAD_FIELDS = tuple(field for _, field, _ in VAD_FLAGS)
+
+
+def subtitle_options(o: dict):
+    """The :class:`~whisperjax_cli.writers.SubtitleOptions` of the srt/vtt flags, or None."""
+    from whisperjax_cli.writers import SubtitleOptions
+
+    given = {name: o[name] for name in SUBTITLE_FLAGS if o.get(name) is not None}
+    return SubtitleOptions(**given) if given else None
 
 
 def transcribe_options(o: dict):
@@ -126,8 +138,13 @@ def transcribe_options(o: dict):
     a bad value is a usage error, exit code 2). Flags left out keep the options' defaults."""
     from whisperjax_cli.options import TranscribeOptions
 
+    if not o.get("word_timestamps"):
+        needing = [f"--{n.replace('_', '-')}" for n in WORD_FLAGS if o.get(n) is not None]
+        if needing:
+            raise UsageError(needing[0], "needs --word-timestamps")
     given = {name: o[name] for name in OPTION_FLAGS if o.get(name) is not None}
     given["without_timestamps"] = not o["timestamps"]
+    given["word_timestamps"] = bool(o.get("word_timestamps"))
     if o.get("vad_filter") is not None:
         given["vad_filter"] = o["vad_filter"]
     vad_given = {k: o[k] for k in VAD_FIELDS if o.get(k) is not None}
@@ -180,6 +197,21 @@ def transcribe_options(o: dict):
               help="sequential: OpenAI's long-form loop; batched: pauses shortened, cut into windows decoded side by side.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Windows decoded together, over all devices [8 per device on CPU; from memory on GPU/TPU].")
+@click.option("--word-timestamps", is_flag=True, default=False,
+              help="Times for every word (JSON 'words'; subtitles cut at words with the options below).")
+@click.option("--highlight-words", is_flag=True, default=None, help="srt/vtt: underline each word as it is spoken.")
+@click.option("--max-line-width", type=click.IntRange(min=1), default=None,
+              help="srt/vtt: characters per line (lines break between words).")
+@click.option("--max-line-count", type=click.IntRange(min=1), default=None,
+              help="srt/vtt: lines per cue (with --max-line-width).")
+@click.option("--max-words-per-line", type=click.IntRange(min=1), default=None,
+              help="srt/vtt: words per cue (without --max-line-width).")
+@click.option("--prepend-punctuations", default=None, help="Marks merged into the word after them [\"'“¿([{-].")
+@click.option("--append-punctuations", default=None, help="Marks merged into the word before them [\"'.。,，!！?？:：”)]}、].")
+@click.option("--refine-words/--no-refine-words", "refine_word_timestamps", default=None,
+              help="Snap word times to the pauses in the audio [yes]; no: OpenAI's times exactly.")
+@click.option("--hallucination-silence-threshold", type=float, default=None,
+              help="Seconds: skip silences longer than this around likely hallucinations (OpenAI's option).")
 @click.option("--vad/--no-vad", "vad_filter", default=None,
               help="Decode only speech found by Silero VAD (faster-whisper's vad_filter) [sequential: no; batched: yes].")
 @vad_flags
@@ -220,11 +252,12 @@ def run_transcribe(o: dict) -> int:
     """
     started = time.monotonic()
     options = transcribe_options(o)  # every bad value is a usage error here, before anything slow
+    subtitles = subtitle_options(o)
     formats, output_dir = _check_options(o)
     processes = start_run(o)
     done = None
     try:
-        done = _transcribe_share(o, options, formats, output_dir, processes)
+        done = _transcribe_share(o, options, formats, output_dir, processes, subtitles)
     finally:
         counts = (1, 0, 0, 0) if done is None else (done[0], done[1], done[2].written, round(done[2].audio * 1000))
         failed, skipped, written, audio_ms = processes.totals(counts)
@@ -239,7 +272,8 @@ def run_transcribe(o: dict) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _transcribe_share(o: dict, options, formats, output_dir, processes: Processes) -> tuple[int, int, CountingReporter]:
+def _transcribe_share(o: dict, options, formats, output_dir, processes: Processes, subtitles=None
+                      ) -> tuple[int, int, CountingReporter]:
     """This process's share of the run: ``(failed, skipped, reporter)``."""
     inputs, errors = collect_inputs(o["inputs"])
     errors = errors if processes.first else []  # every process finds the same; counted once
@@ -268,15 +302,17 @@ def _transcribe_share(o: dict, options, formats, output_dir, processes: Processe
         with reporter.status(f"loading {o['model']}"):
             model = spread_model(load_for_cli(o["model"], o["device"], dtype, o["threads"], o["no_compile_cache"]), o)
         options = batch_options(options, model, o["batch_size"])
-        failed = len(errors) + _transcribe_all(model, inputs, formats, output_dir, reporter, options, o["debug"])
+        failed = len(errors) + _transcribe_all(model, inputs, formats, output_dir, reporter, options, o["debug"],
+                                               subtitles)
     return failed, skipped, reporter
 
 
-def _transcribe_all(model, inputs: list[Input], formats, output_dir, reporter, options, debug: bool) -> int:
+def _transcribe_all(model, inputs: list[Input], formats, output_dir, reporter, options, debug: bool,
+                    subtitles=None) -> int:
     """Decodes every input, writing each as it completes; returns how many failed."""
     from whisperjax_cli.longform import transcribe_files
 
-    outputs = Outputs(inputs, formats, output_dir, reporter)
+    outputs = Outputs(inputs, formats, output_dir, reporter, subtitles)
     events = transcribe_files(model, [i.loader() for i in inputs], options=options, progress=reporter.progress)
     failed = 0
     for event in events:

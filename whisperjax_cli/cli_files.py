@@ -87,8 +87,10 @@ def collect_inputs(args: tuple[str, ...]) -> tuple[list[Input], list[str]]:
 class Outputs:
     """Where results go: files under a folder, or stdout (input order; jsonl as decoded)."""
 
-    def __init__(self, inputs: list[Input], formats: list[str], output_dir: Optional[Path], reporter):
+    def __init__(self, inputs: list[Input], formats: list[str], output_dir: Optional[Path], reporter,
+                 subtitles: Optional[Any] = None):
         self.inputs, self.formats, self.output_dir, self.reporter = inputs, formats, output_dir, reporter
+        self.subtitles = subtitles  # writers.SubtitleOptions for srt/vtt, or None
         self.stdout = sys.stdout
         self.streaming = output_dir is None and formats == ["jsonl"]
         self.ready: dict[int, Optional[str]] = {}  # stdout text per finished input (None: failed)
@@ -108,12 +110,12 @@ class Outputs:
 
         if self.output_dir is not None:
             try:
-                write_transcript(transcript, self.output_dir, self.inputs[index].stem, self.formats)
+                write_transcript(transcript, self.output_dir, self.inputs[index].stem, self.formats, self.subtitles)
             except OSError as err:
                 self.reporter.error(f"{_output_named(err, self.output_dir)}: cannot write: {err.strerror or err}")
                 return False
         elif not self.streaming:
-            self.ready[index] = get_writer(self.formats[0]).render(transcript)
+            self.ready[index] = get_writer(self.formats[0]).render(transcript, self.subtitles)
             self._drain()
         return True
 

@@ -201,9 +201,15 @@ class Transcriber:
         results = self.decoder.decode(audio, len(streams), prompts, tail, sub,
                                       holds if self._hold else None,  # a mode's files all have cuts or none
                                       timings=self.timings)
+        if self.options.word_timestamps:
+            with maybe(self.timings, "words"):
+                decided = self._words(files, streams, sizes, results, audio)
+        else:
+            decided = [None] * len(streams)
         with maybe(self.timings, "host"):
-            for s, size, result in zip(streams, sizes, results):
-                self._advance(files[s.file], s, size, result)
+            for s, size, result, words in zip(streams, sizes, results, decided):
+                if words is not False:  # False: decoded again from where word_seek moved it
+                    self._advance(files[s.file], s, size, result, words)
 
     def _skip_if_silent(self, f: FileState, s: Stream) -> bool:
         """Moves past a window of digital silence without decoding it (see is_digital_silence)."""
@@ -214,13 +220,18 @@ class Transcriber:
         s.advance()
         return True
 
-    def _advance(self, f: FileState, s: Stream, size: int, result) -> None:
-        """OpenAI's per-window bookkeeping: skip silence, cut segments, move ``seek``."""
+    def _silent(self, result) -> bool:
+        """OpenAI's no-speech rule: a window skipped as silence."""
         o = self.options
         silent = o.no_speech_threshold is not None and result.no_speech_prob > o.no_speech_threshold
         if silent and o.logprob_threshold is not None and result.avg_logprob > o.logprob_threshold:
             silent = False  # confident text despite a high no-speech probability
-        if silent:
+        return silent
+
+    def _advance(self, f: FileState, s: Stream, size: int, result, decided=None) -> None:
+        """OpenAI's per-window bookkeeping: skip silence, cut segments, move ``seek``.
+        ``decided``: the window's ``(segments, frames to seek)`` when worked out already (words)."""
+        if self._silent(result):
             s.seek += size
             # OpenAI keeps the prompt across a skipped window. When the model did write text there
             # (" and the" at a low log probability), the prompt itself is often what misleads it,
@@ -229,7 +240,7 @@ class Transcriber:
                 s.prompt_reset_since = len(s.prompt)
         else:
             split = s.packed and result.looped and (s.seek, s.clip_end) not in s.split
-            new, advance = self._segments(f, s, size, result, split)
+            new, advance = decided if decided is not None else self._segments(f, s, size, result, split)
             new = [g for g in new if g.start < g.end and g.text.strip()]
             if s.packed:  # no fallback to replace ". . . ." over noise: a segment without a letter or digit goes
                 new = [g for g in new if any(c.isalnum() for c in g.text)]
@@ -244,6 +255,54 @@ class Transcriber:
                 s.prompt_reset_since = len(s.prompt)
         s.advance()
 
+    def _words(self, files: dict, streams: list[Stream], sizes: list[int], results, audio) -> list:
+        """Word timestamps for a decoded batch (one alignment pass over its windows), then
+        OpenAI's uses of them (:func:`~whisperjax_cli.timing.word_seek`). Returns per row the
+        ``decided`` argument of :meth:`_advance`: None (a silent window), ``(segments, frames to
+        seek)``, or False when the stream was moved to decode its window again."""
+        from whisperjax_cli.timing import WindowWords, add_word_timestamps, last_word_end, word_seek
+        from whisperjax_cli.timing import _map_times as map_times
+
+        opts, ts_begin = self.options, self.model.tokenizer.timestamp_begin
+        rows: list = [None] * len(streams)
+        windows = []
+        for row, (s, size, result) in enumerate(zip(streams, sizes, results)):
+            if self._silent(result):
+                continue
+            f = files[s.file]
+            split = s.packed and result.looped and (s.seek, s.clip_end) not in s.split
+            new, advance = self._segments(f, s, size, result, split, mapped=False)
+            samples = f.mel.audio[s.seek * HOP_LENGTH : (s.seek + size) * HOP_LENGTH] if opts.refine_word_timestamps else None
+            windows.append(WindowWords(new, s.seek / FRAMES_PER_SECOND, size, row, f.sot_sequence, f.language, samples,
+                                       last_speech_timestamp=s.last_speech))
+            rows[row] = (new, advance)
+        add_word_timestamps(self.model, audio, windows, opts.word_options)
+        for row, (s, size, result) in enumerate(zip(streams, sizes, results)):
+            if rows[row] is None:
+                continue
+            f, (new, advance) = files[s.file], rows[row]
+            if not s.packed:  # a packed window is decoded once: where it ends is fixed
+                tokens = result.tokens
+                single = len(tokens) >= 2 and tokens[-2] < ts_begin <= tokens[-1]
+                moved = word_seek(new, seek=s.seek + advance, previous_seek=s.seek, segment_size=size,
+                                  single_timestamp_ending=single, content_frames=s.clip_end,
+                                  last_speech_timestamp=s.last_speech,
+                                  hallucination_silence_threshold=opts.hallucination_silence_threshold)
+                if moved.again:
+                    s.seek = moved.seek
+                    s.advance()
+                    rows[row] = False
+                    continue
+                new, advance = new[: moved.keep], max(0, moved.seek - s.seek)
+            end = last_word_end(new)
+            s.last_speech = end if end is not None else s.last_speech
+            if f.timeline is not None:  # words and segments in the file's own times
+                map_times(new, f.to_source)
+                for g in new:
+                    g.seek = round(f.to_source(g.seek / FRAMES_PER_SECOND) * FRAMES_PER_SECOND)
+            rows[row] = (new, advance)
+        return rows
+
     def _split(self, f: FileState, s: Stream) -> None:
         """The rest of a window that looped, as two windows cut at a gap near its middle: tiny.en
         loops on some 20-30 s windows from their first token ("NnNnNn...") and reads either
@@ -256,14 +315,16 @@ class Transcriber:
         s.clips[s.clip_index : s.clip_index + 1] = [(s.clips[s.clip_index][0], start), *halves]
         s.split.update(halves)
 
-    def _segments(self, f: FileState, s: Stream, size: int, result, split: bool = False) -> tuple[list[Segment], int]:
+    def _segments(self, f: FileState, s: Stream, size: int, result, split: bool = False, mapped: bool = True
+                  ) -> tuple[list[Segment], int]:
         """Splits one window's tokens at timestamp pairs; returns (segments, frames to seek).
 
         A ``packed`` stream's window (batched mode) is decoded once: text after the last pair
         is a segment that ends with the window, and the stream moves on to its next window.
         A row that stopped in a loop keeps what it wrote before the repeats began; with
         ``split``, only its closed segments, and the stream moves to the last of their ends
-        (the rest is decoded again, see :meth:`_split`).
+        (the rest is decoded again, see :meth:`_split`). Times are the file's, or with
+        ``mapped`` False those of the decoded (packed) audio.
         """
         seek = s.seek
         ts_begin = self.model.tokenizer.timestamp_begin
@@ -282,7 +343,7 @@ class Transcriber:
                 part = tokens[last:cut]
                 start = offset + (part[0] - ts_begin) * SECONDS_PER_TOKEN
                 end = offset + (part[-1] - ts_begin) * SECONDS_PER_TOKEN
-                segments.append(self._segment(f, seek, size, start, end, part, result))
+                segments.append(self._segment(f, seek, size, start, end, part, result, mapped))
                 last = cut
             advance = size if single_ending else int(tokens[last - 1] - ts_begin) * 2
             if split:
@@ -293,7 +354,7 @@ class Transcriber:
                 if np.any(rest[1:] < self.model.tokenizer.eot):
                     start = offset + (rest[0] - ts_begin) * SECONDS_PER_TOKEN
                     end = offset + size / FRAMES_PER_SECOND
-                    segments.append(self._segment(f, seek, size, start, end, rest, result))
+                    segments.append(self._segment(f, seek, size, start, end, rest, result, mapped))
                 advance = size
         elif split:
             return [], 0
@@ -302,20 +363,22 @@ class Transcriber:
             stamps = tokens[is_ts]
             if len(stamps) and stamps[-1] != ts_begin:
                 duration = (stamps[-1] - ts_begin) * SECONDS_PER_TOKEN
-            segments.append(self._segment(f, seek, size, offset, offset + duration, tokens, result))
+            segments.append(self._segment(f, seek, size, offset, offset + duration, tokens, result, mapped))
             advance = size
         return segments, advance
 
-    def _segment(self, f: FileState, seek, size, start, end, tokens: np.ndarray, result) -> Segment:
+    def _segment(self, f: FileState, seek, size, start, end, tokens: np.ndarray, result, mapped: bool = True
+                 ) -> Segment:
         # Past the window's content the model sees zero padding and may still place timestamps
         # there; clipping keeps every time inside the audio (and inside a packed window).
         limit = (seek + size) / FRAMES_PER_SECOND
         end = min(float(end), limit)
         start = min(float(start), end)
-        end = f.to_source(end, end=True)
-        start = min(f.to_source(start), end)
-        if f.timeline is not None:
-            seek = round(f.to_source(seek / FRAMES_PER_SECOND) * FRAMES_PER_SECOND)
+        if mapped:
+            end = f.to_source(end, end=True)
+            start = min(f.to_source(start), end)
+            if f.timeline is not None:
+                seek = round(f.to_source(seek / FRAMES_PER_SECOND) * FRAMES_PER_SECOND)
         text_tokens = [int(t) for t in tokens if t < self.model.tokenizer.eot]
         return Segment(
             id=0, seek=seek, start=round(start, 3), end=round(end, 3),

@@ -83,6 +83,12 @@ class TranscribeOptions:
     logprob_threshold: Optional[float] = -1.0  # fall back below this average log probability
     no_speech_threshold: Optional[float] = 0.6  # skip a window above this no-speech probability
     clip_timestamps: Union[str, tuple[float, ...]] = "0"  # "start,end,start,end..." in seconds
+    # -- word timestamps (openai-whisper's names)
+    word_timestamps: bool = False  # words with times from the cross-attention (Segment.words)
+    prepend_punctuations: str = "\"'“¿([{-"  # merged into the word after them
+    append_punctuations: str = "\"'.。,，!！?？:：”)]}、"  # merged into the word before them
+    refine_word_timestamps: bool = True  # snap word edges to the audio's pauses (False: OpenAI's times)
+    hallucination_silence_threshold: Optional[float] = None  # seconds; skip silences around hallucinations
     # -- speech detection (faster-whisper's names): only speech is decoded, times mapped back
     vad_filter: Optional[bool] = None  # None: the mode's default (sequential off, batched on)
     vad_parameters: Optional[VadOptions] = None  # None: faster-whisper's defaults for the mode
@@ -125,6 +131,7 @@ class TranscribeOptions:
         if self.max_initial_timestamp is not None and self.max_initial_timestamp < 0:
             raise UsageError("--max-initial-timestamp", f"must be >= 0, not {self.max_initial_timestamp}")
         set_("suppress_tokens", _suppress_tokens(self.suppress_tokens))
+        self._check_words()
         set_("clip_timestamps", _clip_timestamps(self.clip_timestamps))
 
     def _temperatures(self) -> tuple[float, ...]:
@@ -135,6 +142,23 @@ class TranscribeOptions:
         if not values:
             raise UsageError("--temperature", "needs at least one value")
         return tuple(_check_temperature(v, "temperature") for v in values)
+
+    def _check_words(self) -> None:
+        for name in ("prepend_punctuations", "append_punctuations"):
+            if not isinstance(getattr(self, name), str):
+                raise UsageError(f"--{name.replace('_', '-')}", f"must be a string, not {getattr(self, name)!r}")
+        threshold = self.hallucination_silence_threshold
+        if threshold is not None:
+            _check_number(threshold, "hallucination_silence_threshold", low=0.0, open_low=True)
+            if not self.word_timestamps:
+                raise UsageError("--hallucination-silence-threshold", "needs --word-timestamps")
+
+    @property
+    def word_options(self):
+        """The :class:`~whisperjax_cli.timing.WordOptions` of these options (imports JAX)."""
+        from whisperjax_cli.timing import WordOptions
+
+        return WordOptions(self.prepend_punctuations, self.append_punctuations, refine=self.refine_word_timestamps)
 
     def _vad_parameters(self) -> VadOptions:
         """faster-whisper's: its defaults in sequential mode; in batched mode segments that fit

@@ -30,6 +30,7 @@ class Stream:
     done: bool = False
     packed: bool = False  # batched mode: each clip is a window, decoded once
     split: set = dataclasses.field(default_factory=set)  # clips that are halves of a looped window
+    last_speech: float = 0.0  # word timestamps: the end of the last word (OpenAI's last_speech_timestamp)
 
     def __post_init__(self):
         self.seek = self.clips[0][0] if self.clips else 0
