@@ -23,7 +23,6 @@ import json
 import os
 from typing import Mapping, Optional, Sequence
 
-import numpy as np
 
 from whisperjax_cli.errors import UsageError
 
@@ -115,7 +114,7 @@ def deal(durations: Sequence[Optional[float]], count: int) -> list[list[int]]:
     the known ones (1 s when none is known). Each share lists its inputs in input order.
     """
     known = [d for d in durations if d is not None and d >= 0]
-    mean = float(np.mean(known)) if known else 1.0
+    mean = sum(known) / len(known) if known else 1.0
     sizes = [mean if d is None or d < 0 else float(d) for d in durations]
     loads = [0.0] * count
     shares: list[list[int]] = [[] for _ in range(count)]
