@@ -21,6 +21,7 @@ from whisperjax_cli import __version__, cli_classify
 from whisperjax_cli.cli_common import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PIPE, describe, load_for_cli, run_guarded,
                                        runtime_options, say)
 from whisperjax_cli.cli_files import Input, Outputs, collect_inputs, existing_outputs
+from whisperjax_cli.cli_serve import serve
 from whisperjax_cli.cli_vad import VAD_FLAGS, vad, vad_flags, vad_options_from_flags
 from whisperjax_cli.parallel_cli import (CountingReporter, batch_options, parallel_options, spread_model, start_run,
                                          summary_line)
@@ -407,3 +408,4 @@ def models_convert(source: str, destination: Path, dtype: str, debug: bool) -> N
 
 cli.add_command(cli_classify.classify)  # and `wjx classify train`, which it hands on
 cli.add_command(vad)
+cli.add_command(serve)
