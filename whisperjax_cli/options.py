@@ -19,7 +19,7 @@ import math
 from typing import Any, Mapping, Optional, Union
 
 from whisperjax_cli.errors import UsageError
-from whisperjax_cli.vad import VadOptions, batched_vad_options
+from whisperjax_cli.vad_options import VadOptions, batched_vad_options
 
 MODES = ("sequential", "batched")
 TASKS = ("transcribe", "translate")
