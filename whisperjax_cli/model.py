@@ -302,6 +302,20 @@ class MultiHeadAttention(nn.Module):
         out = attention(q, k, v, None, self._product_dtype(q), keys_transposed=True)  # [audio, group * q_len, state]
         return self.out(out.reshape(k.shape[0], group * t, -1).reshape(rows, t, -1))
 
+    def cross_with_scores(self, x: Array, k: Array, v: Array) -> tuple[Array, Array]:
+        """:meth:`cross` for one row per audio that also returns the attention scores, for word timing.
+
+        Returns:
+          ``(out [batch, q_len, state], scores float32 [batch, heads, q_len, n_audio_ctx])``: the
+          scores scaled by ``1/sqrt(head_dim)``, before the softmax (OpenAI's ``qk``).
+        """
+        q = self._query(x)  # [batch, heads, q_len, head_dim]
+        dtype = self._product_dtype(q)
+        scores = _product("...td,...ds->...ts", q, k, dtype).astype(jnp.float32) * q.shape[-1] ** -0.5
+        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = _product("...ts,...sd->...td", weights, v, dtype).astype(v.dtype)
+        return self.out(merge_heads(out)), scores
+
 
 class ResidualAttentionBlock(nn.Module):
     n_state: int
@@ -336,6 +350,13 @@ class ResidualAttentionBlock(nn.Module):
         x = x + h
         x = x + self.cross_attn.cross(self.cross_attn_ln(x), cross_k, cross_v)
         return self._mlp(x), k_buf, v_buf
+
+    def decode_with_scores(self, x: Array, mask: Array, cross_k: Array, cross_v: Array) -> tuple[Array, Array]:
+        """Decoder block over whole sequences without a cache (a teacher-forced pass): causal
+        self-attention under ``mask`` ``[batch, q_len, q_len]``; returns ``(x, cross scores)``."""
+        x = x + self.attn(self.attn_ln(x), mask)
+        h, scores = self.cross_attn.cross_with_scores(self.cross_attn_ln(x), cross_k, cross_v)
+        return self._mlp(x + h), scores
 
     def project_cross_kv(self, audio: Array) -> tuple[Array, Array]:
         return self.cross_attn.project_cross_kv(audio)
@@ -448,6 +469,40 @@ class TextDecoder(nn.Module):
         return logits, cache.replace(self_k=tuple(new_k), self_v=tuple(new_v))
 
 
+    def _embedding(self) -> Array:
+        """The tied embedding ``[state, vocab]`` in the dtype its products take (as ``__call__``)."""
+        return self.token_embedding if self.matmul_dtype is not None else self.token_embedding.astype(self.dtype)
+
+    def forward_with_scores(self, tokens: Array, cross_k: tuple, cross_v: tuple) -> tuple[Array, tuple]:
+        """Teacher-forced pass over whole sequences from position 0, without a cache.
+
+        One pass gives what word timing needs: every position's final hidden state and every
+        layer's cross-attention scores. Padding after a row's last token is harmless: the
+        self-attention is causal, so it changes nothing before it.
+
+        Args:
+          tokens: int32 ``[batch, q_len]``.
+          cross_k, cross_v: per-layer audio keys/values (:meth:`cross_kv`).
+        Returns:
+          ``(hidden [batch, q_len, state] after the final layer norm, scores)``, ``scores`` a
+          tuple per layer of float32 ``[batch, heads, q_len, n_audio_ctx]`` (pre-softmax).
+        """
+        q_len = tokens.shape[1]
+        embedding = self._embedding()
+        x = jnp.take(embedding, tokens, axis=1).transpose(1, 2, 0).astype(self.dtype)  # [batch, q_len, state]
+        x = x + self.positional_embedding[:q_len].astype(self.dtype)
+        causal = jnp.tril(jnp.ones((q_len, q_len), bool))[None]  # [1, q_len, q_len]
+        mask = jnp.broadcast_to(causal, (tokens.shape[0], q_len, q_len))
+        scores = []
+        for i, block in enumerate(self.blocks):
+            x, layer_scores = block.decode_with_scores(x, mask, cross_k[i], cross_v[i])
+            scores.append(layer_scores)
+        return self.ln(x), tuple(scores)
+
+    def logits(self, x: Array) -> Array:
+        """Float32 logits ``[batch, q, vocab]`` of final hidden states ``x`` ``[batch, q, state]``."""
+        return self.project(x, self._embedding())
+
     def project(self, x: Array, embedding: Array) -> Array:
         """Logits ``[batch, q, vocab]`` of ``x`` ``[batch, q, state]`` (float32)."""
         if self.matmul_dtype is None:
@@ -480,6 +535,14 @@ class Whisper(nn.Module):
     def decode(self, tokens: Array, cache: KVCache, index: Array, pad: Optional[Array] = None,
                logits_at: Optional[Array] = None):
         return self.decoder(tokens, cache, index, pad, logits_at)
+
+    def forward_with_scores(self, tokens: Array, cross_kv: tuple):
+        """:meth:`TextDecoder.forward_with_scores` (word timing's one pass per window)."""
+        return self.decoder.forward_with_scores(tokens, *cross_kv)
+
+    def logits(self, x: Array) -> Array:
+        """:meth:`TextDecoder.logits`: the output projection of final hidden states."""
+        return self.decoder.logits(x)
 
     def __call__(self, mel: Array, tokens: Array):
         """Teacher-forced logits for ``tokens`` given ``mel`` (used for init and tests)."""

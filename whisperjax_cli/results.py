@@ -8,10 +8,17 @@ from typing import Iterator, Optional
 
 @dataclasses.dataclass
 class Word:
+    """One word of a segment: its text (with its leading space), times in seconds from the file
+    start, and the mean probability of its tokens."""
+
     start: float
     end: float
     word: str
     probability: float
+
+    def to_dict(self) -> dict:
+        """openai-whisper's word shape, its key order included."""
+        return {"word": self.word, "start": self.start, "end": self.end, "probability": self.probability}
 
 
 @dataclasses.dataclass
@@ -31,9 +38,12 @@ class Segment:
     words: Optional[list[Word]] = None
 
     def to_dict(self) -> dict:
+        """openai-whisper's segment keys; ``words`` only when word timings were computed."""
         out = dataclasses.asdict(self)
         if self.words is None:
             del out["words"]
+        else:
+            out["words"] = [w.to_dict() for w in self.words]
         return out
 
 

@@ -17,6 +17,10 @@ The shapes follow openai-whisper's ``utils.py`` writers, with these documented c
 - json is ``Transcript.to_dict()`` as UTF-8 (``ensure_ascii=False``, no BOM) with non-finite
   floats written as ``null`` and times cleaned as above.
 - jsonl is one JSON object per segment per line, for streaming results as they are decoded.
+- Segments with word timings carry ``words: [{word, start, end, probability}]`` in json and
+  jsonl (openai-whisper's shape). srt and vtt use them when :class:`SubtitleOptions` asks for
+  word-level cues (openai-whisper's ``--highlight_words``, ``--max_line_width``,
+  ``--max_line_count``, ``--max_words_per_line``); cues then never overlap the next one.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ import math
 import os
 import secrets
 from pathlib import Path
+import re
 from typing import Callable, Iterable, Optional
 
 from whisperjax_cli.errors import UsageError
-from whisperjax_cli.results import Segment, Transcript
+from whisperjax_cli.results import Segment, Transcript, Word
 
 FORMATS = ("txt", "srt", "vtt", "tsv", "json", "jsonl")
 # What ``-f all`` means: openai-whisper's set. jsonl is for streaming, so it is asked for by name.
@@ -103,6 +108,118 @@ def _one_line(text: str) -> str:
     return " ".join(line.strip() for line in text.strip().splitlines() if line.strip())
 
 
+# --- word-level subtitles ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SubtitleOptions:
+    """How srt and vtt cues are cut from word timings: openai-whisper's subtitle options.
+
+    Attributes:
+        highlight_words: Underline (``<u>``) each word of a cue while it is spoken: one cue per
+            word, and cues with the plain text for the gaps between words.
+        max_line_width: Characters per line; lines break between words, and a word longer than
+            this stands alone on its line. Without ``max_line_count`` a cue is one segment.
+        max_line_count: Lines per cue (with ``max_line_width``); cues then run across segments and
+            also break at a pause of more than 3 s.
+        max_words_per_line: Words per cue, when ``max_line_width`` is not given.
+    """
+
+    highlight_words: bool = False
+    max_line_width: Optional[int] = None
+    max_line_count: Optional[int] = None
+    max_words_per_line: Optional[int] = None
+
+    def __post_init__(self):
+        if not isinstance(self.highlight_words, bool):
+            raise UsageError("--highlight-words", f"must be true or false, not {self.highlight_words!r}")
+        for name in ("max_line_width", "max_line_count", "max_words_per_line"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise UsageError(f"--{name.replace('_', '-')}", f"must be a whole number >= 1, not {value!r}")
+
+    @property
+    def uses_words(self) -> bool:
+        """Whether cues come from word timings (any option set; openai-whisper's cues from words)."""
+        return self.highlight_words or any(
+            v is not None for v in (self.max_line_width, self.max_line_count, self.max_words_per_line))
+
+
+LONG_PAUSE = 3.0  # seconds between word starts that end a cue running across segments (openai-whisper)
+
+
+def _subtitle_words(segments: list[Segment], options: SubtitleOptions) -> Iterable[list[Word]]:
+    """openai-whisper's ``iterate_subtitles``: groups words into cues, a word's text starting with
+    ``"\n"`` where it begins a new line (the first word of a line stripped)."""
+    preserve_segments = options.max_line_count is None or options.max_line_width is None
+    width = options.max_line_width or math.inf
+    # openai-whisper documents max_words_per_line as having no effect with max_line_width
+    per_chunk = options.max_words_per_line if options.max_line_width is None else None
+    line_len, line_count, cue = 0, 1, []
+    last = next((w.start for s in segments for w in s.words or []), 0.0)
+    for segment in segments:
+        words = segment.words or []
+        chunk = per_chunk or max(1, len(words))
+        for first in range(0, len(words), chunk):
+            for i, original in enumerate(words[first : first + chunk]):
+                word = dataclasses.replace(original)
+                long_pause = not preserve_segments and word.start - last > LONG_PAUSE
+                has_room = line_len + len(word.word) <= width
+                new_segment = i == 0 and bool(cue) and preserve_segments
+                if line_len > 0 and has_room and not long_pause and not new_segment:
+                    line_len += len(word.word)
+                else:
+                    word.word = word.word.strip()
+                    full = options.max_line_count is not None and line_count >= options.max_line_count
+                    if cue and ((long_pause or full) and options.max_line_count is not None or new_segment):
+                        yield cue
+                        cue, line_count = [], 1
+                    elif line_len > 0:
+                        line_count += 1
+                        word.word = "\n" + word.word
+                    line_len = len(word.word.strip())
+                cue.append(word)
+                last = word.start
+    if cue:
+        yield cue
+
+
+def _highlighted(cue: list[Word], index: int) -> str:
+    return "".join(re.sub(r"^(\s*)(.*)$", r"\1<u>\2</u>", w.word) if j == index else w.word
+                   for j, w in enumerate(cue))
+
+
+def word_cues(segments: list[Segment], options: SubtitleOptions) -> list[tuple[float, float, str]]:
+    """The ``(start, end, text)`` cues of word-timed ``segments`` under ``options``.
+
+    Times are cleaned (`clean_times`), made non-decreasing, and each cue ends no later than the
+    next one starts (word times of neighbouring segments can overlap by a few tens of ms), so
+    players never show two cues at once.
+    """
+    cues = []
+    for cue in _subtitle_words(segments, options):
+        text = "".join(w.word for w in cue)
+        start, end = clean_times(cue[0].start, cue[-1].end)
+        if not options.highlight_words:
+            cues.append((start, end, text))
+            continue
+        last = start
+        for i, word in enumerate(cue):
+            word_start, word_end = clean_times(word.start, word.end)
+            if word_start > last:  # the gap before the word, with nothing underlined
+                cues.append((last, word_start, text))
+            cues.append((word_start, word_end, _highlighted(cue, i)))
+            last = word_end
+    out, floor = [], 0.0
+    for i, (start, end, text) in enumerate(cues):
+        start = max(start, floor)
+        following = cues[i + 1][0] if i + 1 < len(cues) else math.inf
+        end = max(start, min(end, following))
+        out.append((start, end, text))
+        floor = start
+    return out
+
+
 # --- renderers (Transcript -> str) -------------------------------------------------------------
 
 
@@ -110,8 +227,17 @@ def _render_txt(transcript: Transcript) -> str:
     return "".join(_one_line(s.text) + "\n" for s in transcript.segments)
 
 
-def _cues(transcript: Transcript, decimal_marker: str) -> Iterable[tuple[str, str, str]]:
-    """Yields ``(start, end, text)`` for every segment with text left after cleaning."""
+def _cues(transcript: Transcript, decimal_marker: str,
+          options: Optional["SubtitleOptions"] = None) -> Iterable[tuple[str, str, str]]:
+    """Yields ``(start, end, text)`` for every cue with text left after cleaning: one per
+    segment, or the word-level cues of ``options`` when it asks for them and there are words."""
+    if options is not None and options.uses_words and any(s.words for s in transcript.segments):
+        for start, end, text in word_cues(transcript.segments, options):
+            text = _cue_text(text)
+            if text:
+                yield (format_timestamp(start, decimal_marker=decimal_marker),
+                       format_timestamp(end, decimal_marker=decimal_marker), text)
+        return
     for segment in transcript.segments:
         text = _cue_text(segment.text)
         if not text:
@@ -124,15 +250,15 @@ def _cues(transcript: Transcript, decimal_marker: str) -> Iterable[tuple[str, st
         )
 
 
-def _render_srt(transcript: Transcript) -> str:
-    cues = _cues(transcript, decimal_marker=",")
+def _render_srt(transcript: Transcript, options: Optional["SubtitleOptions"] = None) -> str:
+    cues = _cues(transcript, ",", options)
     return "\n".join(
         f"{i}\n{start} --> {end}\n{text}\n" for i, (start, end, text) in enumerate(cues, start=1)
     )
 
 
-def _render_vtt(transcript: Transcript) -> str:
-    cues = [f"{start} --> {end}\n{text}\n" for start, end, text in _cues(transcript, ".")]
+def _render_vtt(transcript: Transcript, options: Optional["SubtitleOptions"] = None) -> str:
+    cues = [f"{start} --> {end}\n{text}\n" for start, end, text in _cues(transcript, ".", options)]
     return "WEBVTT\n" + "".join("\n" + cue for cue in cues)
 
 
@@ -212,17 +338,22 @@ class Writer:
     """One output format: its file extension and how a transcript is rendered."""
 
     extension: str
-    render: Callable[[Transcript], str]
+    renderer: Callable[..., str]
+    subtitles: bool = False  # the renderer takes SubtitleOptions (srt, vtt)
 
-    def write(self, transcript: Transcript, stream) -> None:
+    def render(self, transcript: Transcript, options: Optional[SubtitleOptions] = None) -> str:
+        """The transcript in this format; ``options`` shape srt and vtt cues (others ignore it)."""
+        return self.renderer(transcript, options) if self.subtitles else self.renderer(transcript)
+
+    def write(self, transcript: Transcript, stream, options: Optional[SubtitleOptions] = None) -> None:
         """Writes the rendered transcript to a text stream (a file, ``sys.stdout``)."""
-        stream.write(self.render(transcript))
+        stream.write(self.render(transcript, options))
 
 
 _WRITERS = {
     "txt": Writer("txt", _render_txt),
-    "srt": Writer("srt", _render_srt),
-    "vtt": Writer("vtt", _render_vtt),
+    "srt": Writer("srt", _render_srt, subtitles=True),
+    "vtt": Writer("vtt", _render_vtt, subtitles=True),
     "tsv": Writer("tsv", _render_tsv),
     "json": Writer("json", _render_json),
     "jsonl": Writer("jsonl", _render_jsonl),
@@ -375,7 +506,8 @@ def write_atomic(path: Path | str, text: str) -> None:
 
 
 def write_transcript(
-    transcript: Transcript, output_dir: Path | str, stem: str, formats: Iterable[str]
+    transcript: Transcript, output_dir: Path | str, stem: str, formats: Iterable[str],
+    subtitle_options: Optional[SubtitleOptions] = None,
 ) -> list[Path]:
     """Writes one transcript in every requested format, all or nothing.
 
@@ -389,6 +521,7 @@ def write_transcript(
         output_dir: Folder for the outputs; created if missing.
         stem: The file name without extension, normally from `output_stems`.
         formats: Names from `FORMATS`, or ``"all"``.
+        subtitle_options: How srt and vtt cues are cut from word timings (`SubtitleOptions`).
 
     Returns:
         The written paths, in the order of ``formats``.
@@ -399,7 +532,7 @@ def write_transcript(
     texts: list[tuple[Path, str]] = []
     for fmt in fmts:
         writer = get_writer(fmt)
-        texts.append((output_dir / f"{stem}.{writer.extension}", writer.render(transcript)))
+        texts.append((output_dir / f"{stem}.{writer.extension}", writer.render(transcript, subtitle_options)))
     temps: list[tuple[Path, Path]] = []
     try:
         for path, text in texts:

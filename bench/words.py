@@ -1,0 +1,285 @@
+"""Word timestamps against known word boundaries: wjx (refined and not) and faster-whisper.
+
+The clips are built so that every word's start and end are known exactly: each word is
+synthesised on its own with ``espeak-ng`` (several voices and speeds), trimmed of its leading and
+trailing silence with an energy threshold, and the words are joined with pauses of varied
+lengths (from none to 0.6 s) over a faint noise floor. Both implementations decode the same
+16 kHz arrays with the same weights (float32, greedy, temperature 0); recognised words are
+matched to the script's by their normalised text, and the start and end errors are averaged
+over the matched words.
+
+wjx's words come from :func:`whisperjax_cli.timing.add_word_timestamps` run on the segments
+``transcribe`` decoded (one window per clip), with the window's encoder output; "wjx refined"
+snaps them to the audio (the default), "wjx" is OpenAI's alignment alone.
+
+The second part times the alignment pass against transcription on a long clip (the script's
+sentences read one after another): decoding with ``transcribe``, then the alignment of the
+same windows, one window per call as the sequential loop would call it.
+
+    python bench/words.py --models tiny.en base
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+SCRIPT = (
+    "the old mill stood beside a quiet river at the edge of the village",
+    "every morning the miller opened the heavy doors and swept the stone floor",
+    "children came to watch the wheel turn and listen to his long stories",
+    "in the afternoon the farmers brought their grain on carts pulled by horses",
+    "his daughter studied numbers at school and kept the accounts on weekends",
+    "one spring they built a second wheel with help from the blacksmith",
+    "bakers from distant towns began to send their orders by the weekly coach",
+    "when the river froze that winter the whole village skated on the ice",
+)
+VOICES = (  # espeak-ng voice, words per minute
+    ("en-us", 170), ("en-gb", 150), ("en-us+f3", 185), ("en-gb-scotland", 140),
+    ("en-029", 160), ("en-us+m3", 200), ("en-gb-x-rp+f2", 155), ("en-us", 130),
+)
+PAUSES = (0.0, 0.0, 0.03, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6)  # seconds between words, drawn per gap
+NOISE_DBFS = -60.0
+TRIM_DB = 40.0  # a word's audio starts and ends where its 5 ms frames rise 40 dB under its peak
+
+
+def synthesize(word: str, voice: str, speed: int) -> np.ndarray:
+    """One word from ``espeak-ng``, 16 kHz float32, untrimmed."""
+    from scipy.signal import resample_poly
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "w.wav"
+        subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), word], check=True)
+        import soundfile as sf
+
+        audio, rate = sf.read(path, dtype="float32")
+    return resample_poly(audio, SAMPLE_RATE, rate).astype(np.float32)
+
+
+def trim(audio: np.ndarray) -> np.ndarray:
+    """``audio`` from its first to its last 5 ms frame within ``TRIM_DB`` of its loudest."""
+    hop = SAMPLE_RATE // 200
+    n = len(audio) // hop
+    power = np.mean(audio[: n * hop].reshape(n, hop) ** 2, axis=1) + 1e-12
+    loud = np.flatnonzero(10 * np.log10(power) > 10 * np.log10(power.max()) - TRIM_DB)
+    return audio[loud[0] * hop : (loud[-1] + 1) * hop]
+
+
+def build_clip(sentence: str, voice: str, speed: int, rng: np.random.Generator):
+    """A clip of ``sentence`` read word by word, and each word's true ``(word, start, end)``."""
+    parts, truth = [np.zeros(int(rng.uniform(0.3, 1.0) * SAMPLE_RATE), np.float32)], []
+    at = len(parts[0])
+    for k, word in enumerate(sentence.split()):
+        if k:
+            gap = np.zeros(int(rng.choice(PAUSES) * SAMPLE_RATE), np.float32)
+            parts.append(gap)
+            at += len(gap)
+        audio = trim(synthesize(word, voice, speed))
+        audio = 0.5 * audio / np.max(np.abs(audio))
+        parts.append(audio)
+        truth.append((word, at / SAMPLE_RATE, (at + len(audio)) / SAMPLE_RATE))
+        at += len(audio)
+    parts.append(np.zeros(int(0.5 * SAMPLE_RATE), np.float32))
+    clip = np.concatenate(parts)
+    clip += rng.normal(0, 10 ** (NOISE_DBFS / 20), len(clip)).astype(np.float32)
+    return clip, truth
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
+                    return f"{name}, {os.cpu_count()} cores{', AVX512-BF16' if 'avx512_bf16' in flags else ''}"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def normalise(word: str) -> str:
+    return re.sub(r"[^a-z0-9']", "", word.lower())
+
+
+def match(words: list[tuple], truth: list[tuple]) -> list[tuple]:
+    """Pairs of (recognised, true) words with the same normalised text, in order."""
+    a, b = [normalise(w[0]) for w in words], [t[0] for t in truth]
+    blocks = difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_matching_blocks()
+    return [(words[m.a + k], truth[m.b + k]) for m in blocks for k in range(m.size)]
+
+
+def errors(all_words: list[list[tuple]], clips: list) -> tuple[float, float, int]:
+    """Mean absolute start and end errors (ms) over the matched words, and their count."""
+    starts, ends = [], []
+    for words, (_, truth) in zip(all_words, clips):
+        for (_, s, e), (_, ts, te) in match(words, truth):
+            starts.append(abs(s - ts))
+            ends.append(abs(e - te))
+    return 1000 * float(np.mean(starts)), 1000 * float(np.mean(ends)), len(starts)
+
+
+def _wjx():
+    try:
+        from whisperjax_cli.loading import load_model
+        from whisperjax_cli.longform import transcribe
+    except ImportError:  # before models.py and transcribe.py were renamed
+        from whisperjax_cli.models import load_model
+        from whisperjax_cli.transcribe import transcribe
+    return load_model, transcribe
+
+
+def decode_windows(model, audio: np.ndarray, transcribe):
+    """wjx's transcript of ``audio`` as windows to time: ``[(window, encoder output)]``."""
+    import jax
+
+    from whisperjax_cli import timing
+    from whisperjax_cli.features import N_SAMPLES, LogMelWindows, model_window
+    from whisperjax_cli.model import Whisper
+
+    transcript = transcribe(model, audio, temperature=0.0, language="en")
+    mel = LogMelWindows(audio, model.n_mels, padding=N_SAMPLES)
+    content = mel.n_frames - N_SAMPLES // 160
+    encode = jax.jit(lambda p, m: model.module.apply({"params": p}, m, method=Whisper.encode))
+    sot = tuple(model.tokenizer.sot_sequence_for("en", "transcribe")) if model.is_multilingual else (
+        tuple(model.tokenizer.sot_sequence))
+    by_seek = {}
+    for segment in transcript.segments:
+        by_seek.setdefault(segment.seek, []).append(segment)
+    out = []
+    for seek, segments in sorted(by_seek.items()):
+        size = min(3000, content - seek)
+        window = timing.WindowWords(segments, seek / 100, size, 0, sot, "en",
+                                    samples=audio[seek * 160 : (seek + size) * 160])
+        out.append((window, encode(model.params, model_window(mel, seek, size)[None])))
+    return out
+
+
+def wjx_words(model, windows, refine: bool) -> list[tuple]:
+    import copy
+
+    from whisperjax_cli import timing
+
+    words, last = [], 0.0
+    for window, encoded in windows:
+        window = copy.deepcopy(window)
+        window.last_speech_timestamp = last
+        timing.add_word_timestamps(model, encoded, [window], timing.WordOptions(refine=refine))
+        words += [(w.word, w.start, w.end) for s in window.segments for w in s.words]
+        last = timing.last_word_end(window.segments) or last
+    return words
+
+
+def accuracy(name: str, clips: list, threads: int) -> None:
+    from faster_whisper import WhisperModel as FasterWhisper
+
+    load_model, transcribe = _wjx()
+    model = load_model(name, dtype="float32")
+    fw = FasterWhisper(str(model.path), device="cpu", compute_type="float32", cpu_threads=threads)
+    theirs = []
+    for audio, _ in clips:
+        segments, _ = fw.transcribe(audio, word_timestamps=True, beam_size=1, temperature=0.0,
+                                    condition_on_previous_text=False, language="en")
+        theirs.append([(w.word, w.start, w.end) for s in segments for w in s.words])
+    windows = [decode_windows(model, audio, transcribe) for audio, _ in clips]
+    rows = [("faster-whisper", theirs)] + [
+        (label, [wjx_words(model, w, refine) for w in windows]) for label, refine in (("wjx", False), ("wjx refined", True))]
+    total = sum(len(t) for _, t in clips)
+    for label, words in rows:
+        start, end, n = errors(words, clips)
+        print(f"{name:8} {label:15} {start:9.0f} {end:9.0f} {n:5}/{total}")
+
+
+def long_clip(seconds: float, rng: np.random.Generator) -> np.ndarray:
+    """The script's sentences read whole (one ``espeak-ng`` call each, voices in turn) with short
+    pauses, repeated to ``seconds``."""
+    parts, total, k = [], 0, 0
+    while total < seconds * SAMPLE_RATE:
+        voice, speed = VOICES[k % len(VOICES)]
+        speech = synthesize(SCRIPT[k % len(SCRIPT)], voice, speed)
+        pause = np.zeros(int(rng.uniform(0.3, 1.0) * SAMPLE_RATE), np.float32)
+        parts += [0.5 * speech / np.max(np.abs(speech)), pause]
+        total += len(speech) + len(pause)
+        k += 1
+    clip = np.concatenate(parts)
+    return clip + rng.normal(0, 10 ** (NOISE_DBFS / 20), len(clip)).astype(np.float32)
+
+
+def speed(name: str, audio: np.ndarray, repeats: int) -> None:
+    """Transcription time of ``audio`` against the alignment of its windows, one window per call
+    (the sequential loop) and eight (a batch); each the best of ``repeats`` runs after a first
+    that compiles, the runs taken in turn so that other load on the machine hits all alike."""
+    import jax.numpy as jnp
+
+    from whisperjax_cli import timing
+
+    load_model, transcribe = _wjx()
+    model = load_model(name, dtype="float32")
+    windows = decode_windows(model, audio, transcribe)
+
+    def eights():
+        for i in range(0, len(windows), 8):
+            group = [w for w, _ in windows[i : i + 8]]
+            encoded = jnp.concatenate([e for _, e in windows[i : i + 8]])
+            copies = [timing.WindowWords(**{**w.__dict__, "row": k}) for k, w in enumerate(group)]
+            timing.add_word_timestamps(model, encoded, copies)
+
+    runs = {"transcribe": lambda: transcribe(model, audio, language="en"),
+            "1 window per call": lambda: wjx_words(model, windows, refine=True),
+            "8 windows per call": eights}
+    best = dict.fromkeys(runs, math.inf)
+    for k in range(repeats + 1):
+        for label, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            if k:  # the first run compiles
+                best[label] = min(best[label], time.perf_counter() - t0)
+    decode = best.pop("transcribe")
+    print(f"{name:8} {len(audio) / SAMPLE_RATE:.0f} s of speech, {len(windows)} windows: transcribe {decode:.1f} s; "
+          + ", ".join(f"word timing {label} {t:.2f} s = {100 * t / decode:.1f} %" for label, t in best.items()))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["tiny.en", "base"])
+    parser.add_argument("--rounds", type=int, default=2, help="passes over the script (8 clips each)")
+    parser.add_argument("--long-seconds", type=float, default=300.0, help="0: skip the timing part")
+    parser.add_argument("--repeats", type=int, default=3, help="timing: best of this many runs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(args.seed)
+    clips = []
+    for r in range(args.rounds):
+        for k, sentence in enumerate(SCRIPT):
+            voice, speed_wpm = VOICES[(k + 3 * r) % len(VOICES)]
+            clips.append(build_clip(sentence, voice, speed_wpm + 10 * r, rng))
+    seconds = sum(len(c) for c, _ in clips) / SAMPLE_RATE
+    print(f"CPU: {cpu_model()}")
+    print(f"{len(clips)} clips, {sum(len(t) for _, t in clips)} words, {seconds:.0f} s; errors in ms over the "
+          "words each side recognised (matched to the script)")
+    print(f"{'model':8} {'words by':15} {'start err':>9} {'end err':>9} {'matched':>11}")
+    for name in args.models:
+        accuracy(name, clips, args.threads)
+    if args.long_seconds > 0:
+        audio = long_clip(args.long_seconds, rng)
+        for name in args.models:
+            speed(name, audio, args.repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
