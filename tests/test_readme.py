@@ -18,7 +18,7 @@ def blocks(language: str) -> list[str]:
 
 
 def test_python_example_runs_as_written(tmp_path):
-    (code,) = blocks("python")
+    code = blocks("python")[0]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WJX_", "JAX_", "XLA_"))}
     env["WJX_CACHE_DIR"] = str(tmp_path / "cache")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -37,3 +37,36 @@ def test_first_commands_are_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     extras = re.search(r'pip install -e "(\.\[[^\]]+\])"', tests).group(1)
     assert f'pip install -q -e "{extras}"' in ci and "python -m pytest -q" in tests and "python -m pytest -q" in ci
+
+
+def test_server_example_runs_against_wjx_serve(tmp_path):
+    """The OpenAI SDK snippet of `wjx serve`'s section, against a real server (its port and
+    file name replaced by a free port and a bundled clip)."""
+    import socket
+    import time
+    import urllib.request
+
+    (code,) = [b for b in blocks("python") if "OpenAI(" in b]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WJX_", "JAX_", "XLA_"))}
+    env["WJX_CACHE_DIR"] = str(tmp_path / "cache")
+    server = subprocess.Popen([sys.executable, "-m", "whisperjax_cli", "serve", "--model", "tiny.en", "--port",
+                               str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.5)
+        code = code.replace("8000", str(port)).replace('"talk.flac"', '"tests/data/goforward.flac"')
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == "Go forward 10 meters.\n"
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
