@@ -79,6 +79,8 @@ def start_server(args, port: int) -> subprocess.Popen:
            "--request-timeout", "3600"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -216,6 +218,7 @@ def main() -> int:
     parser.add_argument("--model", default="tiny.en")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", default=None, help="the server's --dtype (default: float32 on CPU)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--per-client", type=int, default=2)
     parser.add_argument("--passes", type=int, default=1)
@@ -231,13 +234,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         clips = make_clips(Path(tmp), args.clients * args.per_client, 30, 60, args.seed)
         print(f"{len(clips)} clips, {sum(s for _, s in clips):.0f} s of audio; model {args.model}, "
-              f"batch size {args.batch_size}")
+              f"batch size {args.batch_size}, dtype {args.dtype or 'default'}")
         proc = start_server(args, port)
         try:
             url = f"http://127.0.0.1:{port}"
             if not args.soak_only:
                 throughput(args, url, clips)
-            soak(args, url, proc.pid)
+            if args.soak:
+                soak(args, url, proc.pid)
             proc.send_signal(signal.SIGTERM)
             print(f"server exit code after SIGTERM: {proc.wait(120)}")
         finally:
