@@ -248,3 +248,23 @@ def test_saved_models_get_normal_permissions(hf_tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "copy").stat().st_mode & 0o777 == 0o755
     assert {p.stat().st_mode & 0o777 for p in (tmp_path / "copy").iterdir()} == {0o644}
+
+
+def test_a_playlist_cannot_make_ffmpeg_read_other_files(tmp_path):
+    """An HLS playlist naming a local file (an upload to a server, a file from elsewhere) is not
+    followed: ffmpeg runs with only file/pipe protocols and single-stream containers."""
+    from whisperjax_cli.audio import load_audio
+    from whisperjax_cli.errors import AudioError
+
+    playlist = tmp_path / "list.m3u8"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:3,\n{GO}\n#EXT-X-ENDLIST\n")
+    with pytest.raises(AudioError) as err:
+        load_audio(str(playlist))
+    assert str(err.value).startswith(str(playlist))
+    if shutil.which("ffmpeg") is None:
+        assert "install ffmpeg" in str(err.value)
+    else:
+        assert "ffmpeg cannot decode it" in str(err.value)
+        m4a = tmp_path / "a.m4a"  # while the containers users have still decode
+        subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(GO), "-c:a", "aac", str(m4a)], check=True)
+        assert abs(len(load_audio(str(m4a))) - len(load_audio(str(GO)))) < 2048

@@ -37,6 +37,9 @@ HINT_LIMIT = 3600 * SAMPLE_RATE  # the output is preallocated up to an hour; pas
 SOUNDFILE_SUFFIXES = frozenset(
     {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf"}
 )
+# ffmpeg demuxers allowed for containers libsndfile does not read (m4a, webm, mkv, wma, aac...).
+FFMPEG_FORMATS = ("matroska,webm,mov,mp4,m4a,3gp,3g2,mj2,aac,asf,wav,flac,mp3,ogg,aiff,caf,amr,au,w64,wv,ape,"
+                  "mpegts,avi,flv")
 # Formats whose header states the exact frame count, so reading fewer frames means truncation.
 # (libsndfile estimates MP3 lengths, and clamps WAV lengths to the data present.)
 _EXACT_LENGTH_FORMATS = frozenset({"FLAC", "AIFF", "CAF", "W64", "RF64"})
@@ -280,7 +283,10 @@ def _collect(pieces: Iterable[np.ndarray], size_hint: int) -> np.ndarray:
 def _run_ffmpeg(ffmpeg: str, url: str, data: bytes | None, subject: str) -> np.ndarray:
     """Decodes ``url`` (a ``file:`` path, or ``pipe:0`` fed ``data``) to 16 kHz mono with ffmpeg."""
     # ffmpeg does the mixing and resampling itself; s16le on stdout is what OpenAI's loader reads.
-    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "0", "-i", url,
+    # Only local files and pipes, and only containers of one media stream: a playlist (HLS, concat)
+    # would make ffmpeg open other files (or URLs) named inside an input it was handed.
+    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "0",
+           "-protocol_whitelist", "file,pipe", "-format_whitelist", FFMPEG_FORMATS, "-i", url,
            "-f", "s16le", "-ac", "1", "-ar", str(SAMPLE_RATE), "-"]  # fmt: skip
     if data is not None:
         cmd.remove("-nostdin")  # the input itself comes on stdin
