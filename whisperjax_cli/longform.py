@@ -464,12 +464,15 @@ class Transcriber:
 
 def vad_windows(timeline: Timeline) -> list[tuple[int, int]]:
     """faster-whisper's batched windows: consecutive speech segments merged while they fit
-    30 s, in packed frames. A segment is never split (the VAD options cap them at 30 s)."""
+    30 s, in packed frames, except across 5 s or more of the file left out (``BREAK_MIN``): in
+    one window the model reads the speech on both sides as one segment, shown all through the
+    gap. A segment is never split (the VAD options cap them at 30 s)."""
     windows: list[tuple[int, int]] = []
-    starts = timeline.packed_starts
-    for i in range(len(timeline.spans)):
+    starts, spans = timeline.packed_starts, timeline.spans
+    for i in range(len(spans)):
         start, end = int(starts[i]), int(starts[i + 1])
-        if windows and end - windows[-1][0] <= N_FRAMES:
+        joined = i > 0 and spans[i][0] - spans[i - 1][1] < BREAK_MIN
+        if windows and joined and end - windows[-1][0] <= N_FRAMES:
             windows[-1] = (windows[-1][0], end)
         else:
             windows.append((start, end))
