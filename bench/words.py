@@ -8,13 +8,12 @@ lengths (from none to 0.6 s) over a faint noise floor. Both implementations deco
 matched to the script's by their normalised text, and the start and end errors are averaged
 over the matched words.
 
-wjx's words come from :func:`whisperjax_cli.timing.add_word_timestamps` run on the segments
-``transcribe`` decoded (one window per clip), with the window's encoder output; "wjx refined"
-snaps them to the audio (the default), "wjx" is OpenAI's alignment alone.
+wjx's words come from ``transcribe(..., word_timestamps=True)``; "wjx refined" snaps them to
+the audio (the default), "wjx" is OpenAI's alignment alone (``refine_word_timestamps=False``).
 
-The second part times the alignment pass against transcription on a long clip (the script's
-sentences read one after another): decoding with ``transcribe``, then the alignment of the
-same windows, one window per call as the sequential loop would call it.
+The second part times what word timestamps add to long-form transcription, on a long clip (the
+script's sentences read one after another): ``transcribe`` with and without them, in both
+modes, and the alignment pass alone on the same windows, one window per call.
 
     python bench/words.py --models tiny.en base
 """
@@ -131,25 +130,16 @@ def errors(all_words: list[list[tuple]], clips: list) -> tuple[float, float, int
     return 1000 * float(np.mean(starts)), 1000 * float(np.mean(ends)), len(starts)
 
 
-def _wjx():
-    try:
-        from whisperjax_cli.loading import load_model
-        from whisperjax_cli.longform import transcribe
-    except ImportError:  # before models.py and transcribe.py were renamed
-        from whisperjax_cli.models import load_model
-        from whisperjax_cli.transcribe import transcribe
-    return load_model, transcribe
-
-
-def decode_windows(model, audio: np.ndarray, transcribe):
-    """wjx's transcript of ``audio`` as windows to time: ``[(window, encoder output)]``."""
+def decode_windows(model, audio: np.ndarray):
+    """wjx's transcript of ``audio`` (without words) as windows to time: ``[(window, encoder output)]``."""
     import jax
 
     from whisperjax_cli import timing
     from whisperjax_cli.features import N_SAMPLES, LogMelWindows, model_window
+    from whisperjax_cli.longform import transcribe
     from whisperjax_cli.model import Whisper
 
-    transcript = transcribe(model, audio, temperature=0.0, language="en")
+    transcript = transcribe(model, audio, language="en")
     mel = LogMelWindows(audio, model.n_mels, padding=N_SAMPLES)
     content = mel.n_frames - N_SAMPLES // 160
     encode = jax.jit(lambda p, m: model.module.apply({"params": p}, m, method=Whisper.encode))
@@ -167,37 +157,39 @@ def decode_windows(model, audio: np.ndarray, transcribe):
     return out
 
 
-def wjx_words(model, windows, refine: bool) -> list[tuple]:
+def align_one_by_one(model, windows) -> None:
+    """The alignment of ``windows``, one call per window (as the sequential loop calls it)."""
     import copy
 
     from whisperjax_cli import timing
 
-    words, last = [], 0.0
+    last = 0.0
     for window, encoded in windows:
         window = copy.deepcopy(window)
         window.last_speech_timestamp = last
-        timing.add_word_timestamps(model, encoded, [window], timing.WordOptions(refine=refine))
-        words += [(w.word, w.start, w.end) for s in window.segments for w in s.words]
+        timing.add_word_timestamps(model, encoded, [window])
         last = timing.last_word_end(window.segments) or last
-    return words
 
 
 def accuracy(name: str, clips: list, threads: int) -> None:
     from faster_whisper import WhisperModel as FasterWhisper
 
-    load_model, transcribe = _wjx()
+    from whisperjax_cli.loading import load_model
+    from whisperjax_cli.longform import transcribe
+
     model = load_model(name, dtype="float32")
     fw = FasterWhisper(str(model.path), device="cpu", compute_type="float32", cpu_threads=threads)
-    theirs = []
+    rows = {"faster-whisper": [], "wjx": [], "wjx refined": []}
     for audio, _ in clips:
         segments, _ = fw.transcribe(audio, word_timestamps=True, beam_size=1, temperature=0.0,
                                     condition_on_previous_text=False, language="en")
-        theirs.append([(w.word, w.start, w.end) for s in segments for w in s.words])
-    windows = [decode_windows(model, audio, transcribe) for audio, _ in clips]
-    rows = [("faster-whisper", theirs)] + [
-        (label, [wjx_words(model, w, refine) for w in windows]) for label, refine in (("wjx", False), ("wjx refined", True))]
+        rows["faster-whisper"].append([(w.word, w.start, w.end) for s in segments for w in s.words])
+        for label, refine in (("wjx", False), ("wjx refined", True)):
+            transcript = transcribe(model, audio, temperature=0.0, language="en", word_timestamps=True,
+                                    refine_word_timestamps=refine)
+            rows[label].append([(w.word, w.start, w.end) for s in transcript.segments for w in s.words])
     total = sum(len(t) for _, t in clips)
-    for label, words in rows:
+    for label, words in rows.items():
         start, end, n = errors(words, clips)
         print(f"{name:8} {label:15} {start:9.0f} {end:9.0f} {n:5}/{total}")
 
@@ -218,27 +210,19 @@ def long_clip(seconds: float, rng: np.random.Generator) -> np.ndarray:
 
 
 def speed(name: str, audio: np.ndarray, repeats: int) -> None:
-    """Transcription time of ``audio`` against the alignment of its windows, one window per call
-    (the sequential loop) and eight (a batch); each the best of ``repeats`` runs after a first
-    that compiles, the runs taken in turn so that other load on the machine hits all alike."""
-    import jax.numpy as jnp
+    """What word timestamps add to long-form transcription of ``audio``, in both modes: the time of
+    ``transcribe`` with them against without (the alignment pass, OpenAI's word-based seek, the
+    refinement), and the alignment pass alone (one window per call). Each the best of
+    ``repeats`` runs after a first that compiles, taken in turn so that other load on the
+    machine hits all alike."""
+    from whisperjax_cli.loading import load_model
+    from whisperjax_cli.longform import transcribe
 
-    from whisperjax_cli import timing
-
-    load_model, transcribe = _wjx()
     model = load_model(name, dtype="float32")
-    windows = decode_windows(model, audio, transcribe)
-
-    def eights():
-        for i in range(0, len(windows), 8):
-            group = [w for w, _ in windows[i : i + 8]]
-            encoded = jnp.concatenate([e for _, e in windows[i : i + 8]])
-            copies = [timing.WindowWords(**{**w.__dict__, "row": k}) for k, w in enumerate(group)]
-            timing.add_word_timestamps(model, encoded, copies)
-
-    runs = {"transcribe": lambda: transcribe(model, audio, language="en"),
-            "1 window per call": lambda: wjx_words(model, windows, refine=True),
-            "8 windows per call": eights}
+    windows = decode_windows(model, audio)
+    runs = {(mode, words): (lambda m=mode, w=words: transcribe(model, audio, language="en", mode=m, word_timestamps=w))
+            for mode in ("sequential", "batched") for words in (False, True)}
+    runs["alignment"] = lambda: align_one_by_one(model, windows)
     best = dict.fromkeys(runs, math.inf)
     for k in range(repeats + 1):
         for label, fn in runs.items():
@@ -246,9 +230,14 @@ def speed(name: str, audio: np.ndarray, repeats: int) -> None:
             fn()
             if k:  # the first run compiles
                 best[label] = min(best[label], time.perf_counter() - t0)
-    decode = best.pop("transcribe")
-    print(f"{name:8} {len(audio) / SAMPLE_RATE:.0f} s of speech, {len(windows)} windows: transcribe {decode:.1f} s; "
-          + ", ".join(f"word timing {label} {t:.2f} s = {100 * t / decode:.1f} %" for label, t in best.items()))
+    seconds = len(audio) / SAMPLE_RATE
+    for mode in ("sequential", "batched"):
+        plain, words = best[(mode, False)], best[(mode, True)]
+        print(f"{name:8} {mode:10} {seconds:.0f} s: transcribe {plain:6.1f} s, with word timestamps {words:6.1f} s "
+              f"(+{100 * (words - plain) / plain:.1f} %)")
+    sequential = best[("sequential", False)]
+    print(f"{name:8} alignment alone, {len(windows)} windows one per call: {best['alignment']:.2f} s "
+          f"= {100 * best['alignment'] / sequential:.1f} % of sequential transcription")
 
 
 def main() -> int:

@@ -315,8 +315,8 @@ def test_one_call_equals_window_by_window(model, windows):
     picked = [built[i] for i in (4, 1, 3)]  # rows out of order, and not every row of the batch
     together = _aligned(model, audio, picked, WordOptions(refine=False))
     for entry, window in zip(picked, together):
-        alone = _aligned(model, audio[window.row : window.row + 1], [(None, None, dataclasses.replace(entry[2], row=0))],
-                         WordOptions(refine=False))[0]
+        single = [(None, None, dataclasses.replace(entry[2], row=0))]
+        alone = _aligned(model, audio[window.row : window.row + 1], single, WordOptions(refine=False))[0]
         assert [s.words for s in alone.segments] == [s.words for s in window.segments]
 
 

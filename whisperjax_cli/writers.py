@@ -149,8 +149,8 @@ LONG_PAUSE = 3.0  # seconds between word starts that end a cue running across se
 
 
 def _subtitle_words(segments: list[Segment], options: SubtitleOptions) -> Iterable[list[Word]]:
-    """openai-whisper's ``iterate_subtitles``: groups words into cues, a word's text starting with
-    ``"\n"`` where it begins a new line (the first word of a line stripped)."""
+    """openai-whisper's ``iterate_subtitles``: groups words into cues. A word that begins a line
+    has its text stripped, and prefixed with a line break unless it begins the cue."""
     preserve_segments = options.max_line_count is None or options.max_line_width is None
     width = options.max_line_width or math.inf
     # openai-whisper documents max_words_per_line as having no effect with max_line_width
