@@ -261,7 +261,7 @@ class Transcriber:
         ``decided`` argument of :meth:`_advance`: None (a silent window), ``(segments, frames to
         seek)``, or False when the stream was moved to decode its window again."""
         from whisperjax_cli.timing import WindowWords, add_word_timestamps, last_word_end, word_seek
-        from whisperjax_cli.timing import _map_times as map_times
+        from whisperjax_cli.timing import map_times
 
         opts, ts_begin = self.options, self.model.tokenizer.timestamp_begin
         rows: list = [None] * len(streams)

@@ -568,7 +568,6 @@ def map_times(segments: list[Segment], to_source: Callable[[float, bool], float]
             word.start, word.end = to_source(word.start, False), to_source(word.end, True)
 
 
-_map_times = map_times  # the name longform.py imports (until it imports map_times)
 
 
 # --- refinement against the audio ---------------------------------------------------------------
