@@ -18,8 +18,8 @@ from typing import Optional
 import click
 
 from whisperjax_cli import __version__, cli_classify
-from whisperjax_cli.cli_common import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PIPE, describe, load_for_cli, run_guarded,
-                                       runtime_options, say)
+from whisperjax_cli.cli_common import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PIPE, check_terminated, describe,
+                                       load_for_cli, run_guarded, runtime_options, say)
 from whisperjax_cli.cli_files import Input, Outputs, collect_inputs, existing_outputs
 from whisperjax_cli.cli_serve import serve
 from whisperjax_cli.cli_vad import VAD_FLAGS, vad, vad_flags, vad_options_from_flags
@@ -317,6 +317,7 @@ def _transcribe_all(model, inputs: list[Input], formats, output_dir, reporter, o
     events = transcribe_files(model, [i.loader() for i in inputs], options=options, progress=reporter.progress)
     failed = 0
     for event in events:
+        check_terminated()  # before anything is written for this event
         if event.error is not None:
             if debug:
                 traceback.print_exception(event.error)

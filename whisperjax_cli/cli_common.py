@@ -66,7 +66,20 @@ class Terminated(BaseException):
 
 
 def _raise_terminated(signum, frame):
+    _RECEIVED.append(signum)
     raise Terminated(signum)
+
+
+# Signals received. Raising in the handler can land inside a C callback (libsndfile's reads call
+# back into Python), which swallows the exception: check_terminated() raises it again at the
+# command's own safe points.
+_RECEIVED: list[int] = []
+
+
+def check_terminated() -> None:
+    """Raises :class:`Terminated` if SIGTERM/SIGHUP came and its exception was swallowed."""
+    if _RECEIVED:
+        raise Terminated(_RECEIVED[0])
 
 
 def handle_termination() -> dict:
@@ -96,8 +109,10 @@ def exit_code(err: BaseException) -> int:
 def run_guarded(debug: bool, body: Callable[[], int]) -> None:
     """Runs a command body and exits with the code its outcome maps to."""
     previous = handle_termination()
+    _RECEIVED.clear()
     try:
         code = body()
+        check_terminated()
     except (click.exceptions.ClickException, click.exceptions.Exit):
         raise
     except BrokenPipeError:

@@ -84,11 +84,7 @@ class Transcriber:
         self.progress = progress
         self.timings = timings
         self._vad_params = None  # Silero VAD's weights, loaded when first needed
-        # Batched windows cut by the energy gate end 15-30 s into speech, where tiny.en ended a
-        # window early a third of the time unless made to go on to its last sound; the VAD's
-        # windows end where speech does, and holding there made it write over music or applause
-        # the VAD had kept (bench/nonspeech.py: 16.5 -> 14.6 % WER on tiny.en without the hold).
-        self._hold = self.mode == "batched" and not options.vad_filter
+        self._hold = self.mode == "batched"  # see _hold_index
 
     # ------------------------------------------------------------ files and streams
 
@@ -190,7 +186,7 @@ class Transcriber:
                                         self.options.without_timestamps, self.model.dims.n_text_ctx)
             prompts.append(prompt)
             sizes.append(size)
-            holds.append(f.hold(s, size) if f.cuts is not None else None)
+            holds.append(self._hold_index(f, s, size) if f.cuts is not None else None)
         if not streams:
             return
         with maybe(self.timings, "encoder"):
@@ -210,6 +206,19 @@ class Transcriber:
             for s, size, result, words in zip(streams, sizes, results, decided):
                 if words is not False:  # False: decoded again from where word_seek moved it
                     self._advance(files[s.file], s, size, result, words)
+
+    def _hold_index(self, f: FileState, s: Stream, size: int) -> int:
+        """The timestamp index before which a packed window may not end. A window of up to 30 s
+        of several sentences is often ended early by the model (tiny.en dropped the last
+        sentences of a third of them). The energy gate's windows hold on to 1 s before their
+        last sound (:meth:`FileState.hold`); the VAD's, to the start of their last speech
+        segment: holding on to its end made tiny.en write over music or applause the VAD had
+        kept there (bench/nonspeech.py)."""
+        if not self.options.vad_filter:
+            return f.hold(s, size)
+        starts = f.timeline.packed_starts[:-1]
+        inside = starts[(starts > s.seek) & (starts < s.seek + size)]
+        return int(inside[-1] - s.seek) // 2 if len(inside) else 0
 
     def _skip_if_silent(self, f: FileState, s: Stream) -> bool:
         """Moves past a window of digital silence without decoding it (see is_digital_silence)."""
