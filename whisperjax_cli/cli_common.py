@@ -112,7 +112,6 @@ def run_guarded(debug: bool, body: Callable[[], int]) -> None:
     _RECEIVED.clear()
     try:
         code = body()
-        check_terminated()
     except (click.exceptions.ClickException, click.exceptions.Exit):
         raise
     except BrokenPipeError:
