@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from whisperjax_cli import timing
+from whisperjax_cli import timing, word_decisions
 from whisperjax_cli.errors import UsageError
 from whisperjax_cli.results import Segment, Word
 from whisperjax_cli.timing import WindowWords, WordOptions
@@ -177,14 +177,14 @@ def test_pauses_of_tone_bursts_and_of_speech_probabilities():
 
 
 def test_word_anomaly_scores():
-    assert timing.word_anomaly_score(Word(0.0, 0.5, " fine", 0.9)) == 0.0
-    assert timing.word_anomaly_score(Word(0.0, 0.5, " unlikely", 0.1)) == 1.0
-    assert timing.word_anomaly_score(Word(0.0, 0.033, " short", 0.9)) == pytest.approx(1.5)
-    assert timing.word_anomaly_score(Word(0.0, 3.5, " long", 0.9)) == pytest.approx(1.5)
+    assert word_decisions.word_anomaly_score(Word(0.0, 0.5, " fine", 0.9)) == 0.0
+    assert word_decisions.word_anomaly_score(Word(0.0, 0.5, " unlikely", 0.1)) == 1.0
+    assert word_decisions.word_anomaly_score(Word(0.0, 0.033, " short", 0.9)) == pytest.approx(1.5)
+    assert word_decisions.word_anomaly_score(Word(0.0, 3.5, " long", 0.9)) == pytest.approx(1.5)
     good = _segment(0, 2, words=_words((0.0, 0.5), (0.5, 1.0)))
     bad = _segment(0, 2, words=[Word(0.0, 0.5, " a", 0.1), Word(0.5, 0.52, " b", 0.9), Word(0.6, 0.7, ".", 0.1)])
-    assert not timing.is_segment_anomaly(good) and timing.is_segment_anomaly(bad)
-    assert not timing.is_segment_anomaly(None) and not timing.is_segment_anomaly(_segment(0, 1, words=[]))
+    assert not word_decisions.is_segment_anomaly(good) and word_decisions.is_segment_anomaly(bad)
+    assert not word_decisions.is_segment_anomaly(None) and not word_decisions.is_segment_anomaly(_segment(0, 1, words=[]))
 
 
 def _hallucinated(start, end):
@@ -194,12 +194,12 @@ def _hallucinated(start, end):
 def test_word_seek_moves_to_the_last_word():
     segments = [_segment(30.0, 34.0, words=_words((30.5, 32.0), (32.0, 33.4)))]
     common = dict(seek=3400, previous_seek=3000, segment_size=3000, content_frames=9000, last_speech_timestamp=29.0)
-    assert timing.word_seek(segments, single_timestamp_ending=False, **common) == timing.WordSeek(3340, 1)
-    assert timing.word_seek(segments, single_timestamp_ending=True, **common) == timing.WordSeek(3400, 1)
+    assert word_decisions.word_seek(segments, single_timestamp_ending=False, **common) == word_decisions.WordSeek(3340, 1)
+    assert word_decisions.word_seek(segments, single_timestamp_ending=True, **common) == word_decisions.WordSeek(3400, 1)
     # with the threshold, only when more than it is left of the window
-    assert timing.word_seek(segments, single_timestamp_ending=False, hallucination_silence_threshold=2.0,
+    assert word_decisions.word_seek(segments, single_timestamp_ending=False, hallucination_silence_threshold=2.0,
                             **common).seek == 3340
-    assert timing.word_seek(segments, single_timestamp_ending=False, hallucination_silence_threshold=30.0,
+    assert word_decisions.word_seek(segments, single_timestamp_ending=False, hallucination_silence_threshold=30.0,
                             **common).seek == 6000
 
 
@@ -207,15 +207,15 @@ def test_word_seek_skips_silence_before_a_hallucination():
     common = dict(seek=6000, previous_seek=3000, segment_size=3000, content_frames=9000, last_speech_timestamp=29.0,
                   single_timestamp_ending=True, hallucination_silence_threshold=2.0)
     first = [_hallucinated(35.0, 36.0), _segment(36.0, 40.0, words=_words((36.0, 38.0), (38.0, 40.0)))]
-    assert timing.word_seek(first, **common) == timing.WordSeek(3500, 0, again=True)
+    assert word_decisions.word_seek(first, **common) == word_decisions.WordSeek(3500, 0, again=True)
     # in the middle, with silence on both sides: dropped with what follows, the stream moves to it
     middle = [_segment(30.0, 33.0, words=_words((30.0, 31.0), (31.0, 33.0))), _hallucinated(45.0, 46.0),
               _segment(50.0, 52.0, words=_words((50.0, 51.0), (51.0, 52.0)))]
-    assert timing.word_seek(middle, **common) == timing.WordSeek(4500, 1)
+    assert word_decisions.word_seek(middle, **common) == word_decisions.WordSeek(4500, 1)
     # not bracketed by silence: kept
     middle[1] = _hallucinated(33.5, 34.0)
-    assert timing.word_seek(middle, **common) == timing.WordSeek(6000, 3)
-    assert timing.last_word_end(middle[:1]) == 33.0 and timing.last_word_end([]) is None
+    assert word_decisions.word_seek(middle, **common) == word_decisions.WordSeek(6000, 3)
+    assert word_decisions.last_word_end(middle[:1]) == 33.0 and word_decisions.last_word_end([]) is None
 
 
 # --- the alignment pass on real weights ----------------------------------------------------------

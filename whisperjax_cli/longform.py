@@ -266,10 +266,11 @@ class Transcriber:
 
     def _words(self, files: dict, streams: list[Stream], sizes: list[int], results, audio) -> list:
         """Word timestamps for a decoded batch (one alignment pass over its windows), then
-        OpenAI's uses of them (:func:`~whisperjax_cli.timing.word_seek`). Returns per row the
+        OpenAI's uses of them (:func:`~whisperjax_cli.word_decisions.word_seek`). Returns per row the
         ``decided`` argument of :meth:`_advance`: None (a silent window), ``(segments, frames to
         seek)``, or False when the stream was moved to decode its window again."""
-        from whisperjax_cli.timing import WindowWords, add_word_timestamps, last_word_end, word_seek
+        from whisperjax_cli.timing import WindowWords, add_word_timestamps
+        from whisperjax_cli.word_decisions import last_word_end, word_seek
         from whisperjax_cli.timing import map_times
 
         opts, ts_begin = self.options, self.model.tokenizer.timestamp_begin
