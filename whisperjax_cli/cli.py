@@ -23,8 +23,8 @@ from whisperjax_cli.cli_common import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, E
 from whisperjax_cli.cli_files import Input, Outputs, collect_inputs, existing_outputs
 from whisperjax_cli.cli_serve import serve
 from whisperjax_cli.cli_vad import VAD_FLAGS, vad, vad_flags, vad_options_from_flags
-from whisperjax_cli.parallel_cli import (CountingReporter, batch_options, parallel_options, spread_model, start_run,
-                                         summary_line)
+from whisperjax_cli.parallel_cli import batch_options, parallel_options, spread_model, start_run, summary_line
+from whisperjax_cli.progress import Reporter
 from whisperjax_cli.parallel_hosts import Processes
 from whisperjax_cli.errors import UsageError
 from whisperjax_cli.writers import ALL_FORMATS, FORMATS
@@ -274,7 +274,7 @@ def run_transcribe(o: dict) -> int:
 
 
 def _transcribe_share(o: dict, options, formats, output_dir, processes: Processes, subtitles=None
-                      ) -> tuple[int, int, CountingReporter]:
+                      ) -> tuple[int, int, Reporter]:
     """This process's share of the run: ``(failed, skipped, reporter)``."""
     inputs, errors = collect_inputs(o["inputs"])
     errors = errors if processes.first else []  # every process finds the same; counted once
@@ -292,7 +292,7 @@ def _transcribe_share(o: dict, options, formats, output_dir, processes: Processe
     show = o["show_progress"]
     if show is None:
         show = not o["quiet"] and sys.stderr.isatty()
-    reporter = CountingReporter([i.label for i in inputs], show_progress=show and bool(inputs),
+    reporter = Reporter([i.label for i in inputs], show_progress=show and bool(inputs),
                                 verbose=o["verbose"], quiet=o["quiet"])
     if not inputs:
         return len(errors), skipped, reporter

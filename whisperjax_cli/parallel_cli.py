@@ -17,7 +17,7 @@ import click
 
 from whisperjax_cli.errors import UsageError
 from whisperjax_cli.parallel_hosts import Processes, distributed_request, start_processes
-from whisperjax_cli.progress import Reporter, format_eta
+from whisperjax_cli.progress import format_eta
 
 
 def _devices_value(ctx, param, value) -> Optional[int]:
@@ -106,20 +106,6 @@ def batch_options(options, model, given: Optional[int]):
     per_device = default_batch_size(devices[0], model.dims, np.dtype(model.dtype).itemsize, rows)
     total = min(MAX_BATCH, total_batch_size(per_device, 1 if placement is None else placement.size))
     return TranscribeOptions.create(options, batch_size=total)
-
-
-class CountingReporter(Reporter):
-    """A :class:`Reporter` that also counts what it was told finished, for the run's summary
-    over every process."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.written, self.audio = 0, 0.0
-
-    def finished(self, index: int, ok: bool = True, seconds: float = 0.0) -> None:
-        super().finished(index, ok, seconds)
-        self.written += bool(ok)
-        self.audio += seconds if ok else 0.0
 
 
 def summary_line(where: str, written: int, failed: int, skipped: int, audio: float, wall: float, processes: int) -> str:

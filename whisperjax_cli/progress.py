@@ -83,8 +83,8 @@ class Reporter:
         self.stream = stream if stream is not None else sys.stderr
         self._bars = _Bars(self.labels, self.stream) if show_progress and self.labels else None
         self._started = time.monotonic()
-        self._audio = 0.0  # seconds of audio in the inputs finished
-        self._written = 0
+        self.audio = 0.0  # seconds of audio in the inputs written
+        self.written = 0  # inputs written
 
     def __enter__(self) -> "Reporter":
         if self._bars is not None:
@@ -122,13 +122,13 @@ class Reporter:
         if self.quiet:
             return
         wall = time.monotonic() - self._started
-        rtfx = f", {self._audio / wall:.1f}x real time" if wall > 0 and self._audio > 0 else ""
-        parts = [f"{self._written} written to {where}"]
+        rtfx = f", {self.audio / wall:.1f}x real time" if wall > 0 and self.audio > 0 else ""
+        parts = [f"{self.written} written to {where}"]
         if failed:
             parts.append(f"{failed} failed")
         if skipped:
             parts.append(f"{skipped} skipped")
-        self._print(f"wjx: {', '.join(parts)}; {format_eta(self._audio)} of audio in {wall:.1f} s{rtfx}")
+        self._print(f"wjx: {', '.join(parts)}; {format_eta(self.audio)} of audio in {wall:.1f} s{rtfx}")
 
     def progress(self, index: int, done: float, total: float) -> None:
         """The transcriber's callback: ``done`` of ``total`` audio seconds of input ``index``."""
@@ -146,8 +146,8 @@ class Reporter:
     def finished(self, index: int, ok: bool = True, seconds: float = 0.0) -> None:
         """Input ``index`` is done: written (``ok``, with ``seconds`` of audio), or failed."""
         if ok:
-            self._written += 1
-            self._audio += seconds
+            self.written += 1
+            self.audio += seconds
         if self._bars is not None:
             self._bars.finish(index)
 
