@@ -279,7 +279,9 @@ def main() -> int:
             ours.append(pass_ours(wjx_model, audio, seed, **kwargs))
         # Each row compiles every bucket it may meet; all rows' programs at once exhaust
         # vm.max_map_count (XLA:CPU maps each program's code), so each row's are dropped.
-        jax.clear_caches()  # drop each row's programs (XLA:CPU maps their code; see vm.max_map_count)
+        import jax
+
+        jax.clear_caches()
         fw_runs[fw_name] += theirs
         r = results[name] = summary(ours)
         f = r["alongside"] = dict(row=fw_name, **summary(theirs))

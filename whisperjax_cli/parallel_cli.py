@@ -9,8 +9,6 @@ the processes. This module does not import cli.py.
 
 from __future__ import annotations
 
-import sys
-import time
 from typing import Optional
 
 import click

@@ -1,7 +1,7 @@
 """Where a run's wall time goes: named phases timed by whoever asks for them.
 
-A :class:`Timings` object is passed down (``Transcriber(timings=...)``, ``wjx transcribe
---profile FILE``); nothing is timed, and nothing global is touched, without one. Phases nest
+A :class:`Timings` object is passed down (``Transcriber(timings=...)``, for benchmarks); nothing
+is timed, and nothing global is touched, without one. Phases nest
 freely; each is the wall time spent inside it, so a parent phase includes its children.
 Device work is asynchronous: the phases that end with a transfer to the host (``decode``) or
 wait on their result (``encode``) carry the device time.
@@ -67,33 +67,3 @@ def _ordered(names) -> list[str]:
 def maybe(timings: Optional[Timings], name: str):
     """``timings.measure(name)``, or a context that does nothing when ``timings`` is None."""
     return contextlib.nullcontext() if timings is None else timings.measure(name)
-
-
-_COMPILE_EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/jaxpr_trace_duration")
-
-
-def track_compiles(timings: Timings) -> None:
-    """Adds JAX's tracing, lowering and XLA compile (or persistent-cache load) durations to the
-    ``compile`` phase. JAX's listeners are process-wide: only profiling runs register one."""
-    import jax
-
-    def on_duration(event: str, seconds: float, **_) -> None:
-        if event in _COMPILE_EVENTS:
-            timings.add("compile", seconds)
-
-    jax.monitoring.register_event_duration_secs_listener(on_duration)
-
-
-def seconds_since_process_start() -> Optional[float]:
-    """Wall seconds since this process started (Linux), e.g. the imports before a command runs."""
-    try:
-        import os
-
-        with open("/proc/self/stat", encoding="ascii") as stat:
-            start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime", encoding="ascii") as uptime:
-            now = float(uptime.read().split()[0])
-        return now - start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-from functools import update_wrapper as functools_wraps
 from pathlib import Path
 from typing import Optional
 
