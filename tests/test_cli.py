@@ -483,7 +483,8 @@ def test_pipes_stdin_jsonl_and_the_compile_cache(tmp_path):
     assert any(name.startswith("jit_decode_window") for name in entries)
 
     t0 = time.perf_counter()
-    proc = subprocess.run(f"cat {clip} | {_python_wjx('transcribe', '-', 'gone.wav', '-f', 'jsonl', '-o', '-')}",
+    profile = tmp_path / "profile.json"
+    proc = subprocess.run(f"cat {clip} | {_python_wjx('transcribe', '-', 'gone.wav', '-f', 'jsonl', '-o', '-', '--profile', profile)}",
                           shell=True, capture_output=True, text=True, env=env, cwd=tmp_path)
     warm = time.perf_counter() - t0
     assert proc.returncode == 1  # gone.wav; the exit code survives main()'s fast exit
@@ -494,7 +495,15 @@ def test_pipes_stdin_jsonl_and_the_compile_cache(tmp_path):
     records = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [(r["file"], r["text"]) for r in records] == [("-", " Go forward 10 meters.")]
     assert sorted(p.name for p in cache.iterdir()) == entries, "the warm run compiled something again"
-    assert _files(tmp_path) == sorted(["a.flac", *(f"cache/jax/cpu/{e}" for e in entries)])  # stdout only
+    assert _files(tmp_path) == sorted(["a.flac", "profile.json", *(f"cache/jax/cpu/{e}" for e in entries)])
+    # --profile: the phases account for the whole process; each program was made once (from the cache).
+    report = json.loads(profile.read_text())
+    phases = {name: entry["seconds"] for name, entry in report["phases"].items()}
+    assert {"interpreter", "imports", "model load", "trace", "compile", "encoder", "decode", "other"} <= set(phases)
+    assert all(seconds >= 0 for seconds in phases.values())
+    assert sum(phases.values()) == pytest.approx(report["total_seconds"], abs=0.01)
+    assert report["phases"]["compile"]["count"] == len(entries)
+    assert report["cpu"].startswith("CPU: ")
     print(f"cold {cold:.1f} s, warm {warm:.1f} s")
     assert warm < cold
 

@@ -140,3 +140,25 @@ def test_options_are_validated_in_one_place():
     assert TranscribeOptions(language="French").language == "fr"
     assert temperature_ladder(0.5, 0.2) == (0.5, 0.7, 0.9) and temperature_ladder(0.3, 0) == (0.3,)
     hash(TranscribeOptions())  # frozen and hashable: a key for caches and servers
+
+
+def test_given_weights_skip_flax_init_checks_but_not_their_shapes(monkeypatch):
+    """Applying with given weights reads them without tracing their initializers (Flax's check
+    eval_shapes each one: ~0.2 s of a new process's trace of decode_window), yet a weight of the
+    wrong shape still fails."""
+    import flax.errors
+
+    model = Whisper(UNEVEN)
+    mel = jnp.zeros((1, 2 * UNEVEN.n_audio_ctx, UNEVEN.n_mels))
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    params = model.init(jax.random.PRNGKey(0), mel, tokens)["params"]
+    calls = []
+    real = jax.eval_shape
+    monkeypatch.setattr(jax, "eval_shape", lambda *a, **k: calls.append(a) or real(*a, **k))
+    jax.make_jaxpr(lambda p: model.apply({"params": p}, mel, tokens))(params)
+    assert calls == []
+    block = params["decoder"]["blocks_0"]["mlp1"]
+    bad = {**params, "decoder": {**params["decoder"], "blocks_0": {
+        **params["decoder"]["blocks_0"], "mlp1": {**block, "kernel": block["kernel"][:, :-1]}}}}
+    with pytest.raises(flax.errors.ScopeParamShapeError):
+        model.apply({"params": bad}, mel, tokens)

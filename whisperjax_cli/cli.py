@@ -24,6 +24,7 @@ from whisperjax_cli.cli_files import Input, Outputs, collect_inputs, existing_ou
 from whisperjax_cli.cli_serve import serve
 from whisperjax_cli.cli_vad import VAD_FLAGS, vad, vad_flags, vad_options_from_flags
 from whisperjax_cli.parallel_cli import batch_options, parallel_options, spread_model, start_run, summary_line
+from whisperjax_cli.profile import Timings, maybe, track_compiles
 from whisperjax_cli.progress import Reporter
 from whisperjax_cli.parallel_hosts import Processes
 from whisperjax_cli.errors import UsageError
@@ -219,6 +220,9 @@ def transcribe_options(o: dict):
 @click.option("--skip-existing", is_flag=True, help="Skip inputs whose every requested output exists.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
 @click.option("-v", "--verbose", is_flag=True, help="Print '[mm:ss.mmm --> mm:ss.mmm] text' on stderr as decoded.")
+@click.option("--profile", "profile", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write where the time went (seconds per phase: imports, model load, compile, "
+                   "encoder, decode...) as JSON to this file.")
 @click.option("--progress/--no-progress", "show_progress", default=None, hidden=True,
               help="Force progress bars on or off (default: on when stderr is a terminal).")
 @parallel_options
@@ -252,13 +256,14 @@ def run_transcribe(o: dict) -> int:
     wait for it forever; it then raises as it would alone.
     """
     started = time.monotonic()
+    timings = Timings() if o.get("profile") else None
     options = transcribe_options(o)  # every bad value is a usage error here, before anything slow
     subtitles = subtitle_options(o)
     formats, output_dir = _check_options(o)
     processes = start_run(o)
     done = None
     try:
-        done = _transcribe_share(o, options, formats, output_dir, processes, subtitles)
+        done = _transcribe_share(o, options, formats, output_dir, processes, subtitles, timings)
     finally:
         counts = (1, 0, 0, 0) if done is None else (done[0], done[1], done[2].written, round(done[2].audio * 1000))
         failed, skipped, written, audio_ms = processes.totals(counts)
@@ -270,11 +275,29 @@ def run_transcribe(o: dict) -> int:
     elif processes.first and not o["quiet"]:
         say(summary_line(where, written, failed, skipped, audio_ms / 1000, time.monotonic() - started,
                          processes.count))
+    if timings is not None:
+        write_profile(o["profile"], timings, time.monotonic() - started)
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _transcribe_share(o: dict, options, formats, output_dir, processes: Processes, subtitles=None
-                      ) -> tuple[int, int, Reporter]:
+def write_profile(path: str, timings: Timings, seconds: float) -> None:
+    """``--profile``: the phases of this process's run as JSON, with ``interpreter`` (from the
+    process's start to the command) and ``other`` (what no phase covers) making up its wall time."""
+    from whisperjax_cli.profile import cpu_description, process_seconds
+
+    alive = process_seconds()
+    if alive is not None:
+        timings.add("interpreter", max(0.0, alive - seconds))
+    total = alive if alive is not None else seconds
+    timings.add("other", max(0.0, total - sum(timings.seconds.values())))
+    try:
+        timings.write(path, total_seconds=round(total, 4), cpu=cpu_description(), argv=sys.argv[1:])
+    except OSError as err:
+        say(f"{path}: cannot write the profile: {err.strerror or err}")
+
+
+def _transcribe_share(o: dict, options, formats, output_dir, processes: Processes, subtitles=None,
+                      timings: Optional[Timings] = None) -> tuple[int, int, Reporter]:
     """This process's share of the run: ``(failed, skipped, reporter)``."""
     inputs, errors = collect_inputs(o["inputs"])
     errors = errors if processes.first else []  # every process finds the same; counted once
@@ -301,20 +324,23 @@ def _transcribe_share(o: dict, options, formats, output_dir, processes: Processe
     dtype = o["dtype"] or (throughput_dtype(o["device"]) if options.mode == "batched" else None)
     with reporter:
         with reporter.status(f"loading {o['model']}"):
-            model = spread_model(load_for_cli(o["model"], o["device"], dtype, o["threads"], o["no_compile_cache"]), o)
+            model = spread_model(load_for_cli(o["model"], o["device"], dtype, o["threads"], o["no_compile_cache"],
+                                              timings=timings), o)
         options = batch_options(options, model, o["batch_size"])
-        failed = len(errors) + _transcribe_all(model, inputs, formats, output_dir, reporter, options, o["debug"],
-                                               subtitles)
+        with track_compiles(timings):
+            failed = len(errors) + _transcribe_all(model, inputs, formats, output_dir, reporter, options, o["debug"],
+                                                   subtitles, timings)
     return failed, skipped, reporter
 
 
 def _transcribe_all(model, inputs: list[Input], formats, output_dir, reporter, options, debug: bool,
-                    subtitles=None) -> int:
+                    subtitles=None, timings: Optional[Timings] = None) -> int:
     """Decodes every input, writing each as it completes; returns how many failed."""
     from whisperjax_cli.longform import transcribe_files
 
     outputs = Outputs(inputs, formats, output_dir, reporter, subtitles)
-    events = transcribe_files(model, [i.loader() for i in inputs], options=options, progress=reporter.progress)
+    events = transcribe_files(model, [i.loader() for i in inputs], options=options, progress=reporter.progress,
+                              timings=timings)
     failed = 0
     for event in events:
         check_terminated()  # before anything is written for this event
@@ -329,7 +355,8 @@ def _transcribe_all(model, inputs: list[Input], formats, output_dir, reporter, o
         reporter.segments(event.index, event.segments)
         outputs.segments(event.index, event.segments)
         if event.transcript is not None:
-            ok = outputs.complete(event.index, event.transcript)
+            with maybe(timings, "writing"):
+                ok = outputs.complete(event.index, event.transcript)
             failed += not ok
             reporter.finished(event.index, ok=ok, seconds=event.transcript.duration)
     return failed

@@ -172,13 +172,17 @@ def runtime_options(fn):
     return fn
 
 
-def load_for_cli(model: str, device, dtype, threads, no_compile_cache, loader: Optional[Callable] = None):
+def load_for_cli(model: str, device, dtype, threads, no_compile_cache, loader: Optional[Callable] = None,
+                 timings=None):
     """Sets up JAX (threads, device, compile cache), then ``loader(model, dtype=dtype)``.
 
     ``loader`` defaults to :func:`whisperjax_cli.loading.load_model`, whose weights are then
     read and laid out on a background thread while JAX imports; failures become ModelError.
+    ``timings`` (:class:`~whisperjax_cli.profile.Timings`) gets ``imports`` (JAX, its backend
+    and the decoding modules) and ``model load``.
     """
     from whisperjax_cli import runtime
+    from whisperjax_cli.profile import maybe
 
     pending = None
     if loader is None and "jax" not in sys.modules:
@@ -187,13 +191,17 @@ def load_for_cli(model: str, device, dtype, threads, no_compile_cache, loader: O
         if threads is not None:
             runtime.limit_threads(threads)  # before the reading threads start (configure repeats it)
         pending = loading.read_ahead(model, dtype, device)
-    runtime.configure(device, threads, compile_cache=not runtime.compile_cache_disabled(no_compile_cache))
+    with maybe(timings, "imports"):
+        runtime.configure(device, threads, compile_cache=not runtime.compile_cache_disabled(no_compile_cache))
+        if timings is not None:  # imported later anyway; here its import is told apart
+            import whisperjax_cli.longform  # noqa: F401
     try:
-        if loader is None:
-            from whisperjax_cli.loading import load_model
+        with maybe(timings, "model load"):
+            if loader is None:
+                from whisperjax_cli.loading import load_model
 
-            return load_model(model, dtype=dtype, pending=pending)
-        return loader(model, dtype=dtype)
+                return load_model(model, dtype=dtype, pending=pending)
+            return loader(model, dtype=dtype)
     except WjxError:
         raise
     except (OSError, ValueError, TypeError, KeyError) as err:

@@ -491,13 +491,15 @@ def vad_windows(timeline: Timeline) -> list[tuple[int, int]]:
 
 def transcribe_files(model, sources: Iterable, sample_rate: Optional[int] = None,
                      options: Optional[TranscribeOptions] = None, *, key: Optional[jax.Array] = None,
-                     progress: Optional[Callable[[int, float, float], None]] = None, **overrides
-                     ) -> Iterator[FileEvent]:
+                     progress: Optional[Callable[[int, float, float], None]] = None,
+                     timings: Optional[Timings] = None, **overrides) -> Iterator[FileEvent]:
     """Transcribes many inputs in one batched run, yielding :class:`FileEvent` s as they decode.
 
-    ``options`` and/or keyword ``overrides`` (:class:`TranscribeOptions`'s fields) say how.
+    ``options`` and/or keyword ``overrides`` (:class:`TranscribeOptions`'s fields) say how;
+    ``timings`` (:class:`~whisperjax_cli.profile.Timings`) gets the time of each phase.
     """
-    return Transcriber(model, options_from(options, overrides), key=key, progress=progress).run(sources, sample_rate)
+    transcriber = Transcriber(model, options_from(options, overrides), key=key, progress=progress, timings=timings)
+    return transcriber.run(sources, sample_rate)
 
 
 def transcribe_segments(model, audio, sample_rate: Optional[int] = None, options: Optional[TranscribeOptions] = None,

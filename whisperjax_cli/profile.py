@@ -1,10 +1,14 @@
 """Where a run's wall time goes: named phases timed by whoever asks for them.
 
-A :class:`Timings` object is passed down (``Transcriber(timings=...)``, for benchmarks); nothing
-is timed, and nothing global is touched, without one. Phases nest
-freely; each is the wall time spent inside it, so a parent phase includes its children.
+A :class:`Timings` object is passed down (``Transcriber(timings=...)``, ``wjx transcribe
+--profile FILE``, the benchmarks); nothing is timed, and nothing global is touched, without one.
+Each phase records its *own* time: a phase opened inside another (``vad`` inside ``audio
+decode``) is taken out of the outer one, and so is the time JAX spends tracing, lowering and
+compiling (or loading from the persistent cache) programs while a phase is open
+(:func:`track_compiles`: ``trace``, ``lower``, ``compile``). The phases of one thread therefore
+add up to its wall time, and a table of them accounts for a whole run.
 Device work is asynchronous: the phases that end with a transfer to the host (``decode``) or
-wait on their result (``encode``) carry the device time.
+wait on their result (``encoder``) carry the device time.
 """
 
 from __future__ import annotations
@@ -16,8 +20,16 @@ import time
 from typing import Iterator, Optional
 
 # The phases of a long-form run, in pipeline order (a table lists them so, then any others).
-PHASES = ("imports", "model load", "compile", "audio decode", "language", "mel", "encoder", "decode",
-          "fallback decode", "host", "writing")
+PHASES = ("interpreter", "imports", "model load", "trace", "lower", "compile", "audio decode", "vad", "language",
+          "mel", "encoder", "decode", "fallback decode", "words", "host", "writing", "other")
+
+# JAX's duration events (jax.monitoring) for the stages of making a program, and our names.
+COMPILE_EVENTS = {
+    "/jax/core/compile/jaxpr_trace_duration": "trace",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+    # XLA's compile, or the program's retrieval from the persistent cache (a cache hit).
+    "/jax/core/compile/backend_compile_duration": "compile",
+}
 
 
 class Timings:
@@ -25,6 +37,7 @@ class Timings:
 
     def __init__(self):
         self._lock = threading.Lock()
+        self._open = threading.local()  # per thread: a stack of [name, seconds taken by inner phases]
         self.seconds: dict[str, float] = {}
         self.counts: dict[str, int] = {}
 
@@ -33,13 +46,35 @@ class Timings:
             self.seconds[name] = self.seconds.get(name, 0.0) + seconds
             self.counts[name] = self.counts.get(name, 0) + count
 
+    def _stack(self) -> list:
+        stack = getattr(self._open, "stack", None)
+        if stack is None:
+            stack = self._open.stack = []
+        return stack
+
     @contextlib.contextmanager
     def measure(self, name: str) -> Iterator[None]:
+        """Times the block as ``name``, less what inner phases and compiles took."""
+        stack = self._stack()
+        entry = [name, 0.0]
+        stack.append(entry)
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.add(name, time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            stack.pop()
+            if stack:
+                stack[-1][1] += elapsed
+            self.add(name, elapsed - entry[1])
+
+    def carve(self, name: str, seconds: float) -> None:
+        """Adds ``seconds`` measured elsewhere (a compile) to ``name`` and takes them out of the
+        phase open on this thread, if any."""
+        stack = self._stack()
+        if stack:
+            stack[-1][1] += seconds
+        self.add(name, seconds)
 
     def to_dict(self) -> dict:
         with self._lock:
@@ -67,3 +102,57 @@ def _ordered(names) -> list[str]:
 def maybe(timings: Optional[Timings], name: str):
     """``timings.measure(name)``, or a context that does nothing when ``timings`` is None."""
     return contextlib.nullcontext() if timings is None else timings.measure(name)
+
+
+@contextlib.contextmanager
+def track_compiles(timings: Optional[Timings]) -> Iterator[None]:
+    """While open, JAX's tracing, lowering and compiling go to ``timings`` (``trace``, ``lower``,
+    ``compile``), out of the phase open on the compiling thread. A listener is registered with
+    ``jax.monitoring`` for the duration (JAX has no other way to report them) and removed after."""
+    if timings is None:
+        yield
+        return
+    from jax import monitoring
+
+    def listener(event: str, seconds: float, **_) -> None:
+        name = COMPILE_EVENTS.get(event)
+        if name is not None:
+            timings.carve(name, seconds)
+
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+
+
+def process_seconds() -> Optional[float]:
+    """Seconds since this process started (Linux: ``/proc``), or None where that is unknown."""
+    try:
+        import os
+
+        with open("/proc/self/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cpu_description() -> str:
+    """The CPU model, cores this process may use, and whether it has AVX-512, AVX-512 BF16 and
+    AMX (Linux ``/proc/cpuinfo``), for every printed figure: speed differs with them."""
+    import os
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return "CPU: unknown (no /proc/cpuinfo)"
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    marks = " ".join(f"{name}={'yes' if name in flags else 'no'}"
+                     for name in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"CPU: {model}, {cores} cores; {marks}"
