@@ -40,6 +40,14 @@ peak should grow by the extra audio alone.
 
     python bench/longform.py --model tiny.en --threads 2 --memory-hours 1 2
 
+With ``--whole-process`` it times what a user waits for instead: fresh processes, spawn to exit,
+``wjx transcribe FILE -o -`` (sequential greedy, beam 5, batched) against a faster-whisper script
+(``WhisperModel.transcribe``, and ``BatchedInferencePipeline`` at the same batch size), in turns,
+start-up, compiles (from the filled compile cache) and all; ``--profile`` adds where each wjx
+row's time goes (``wjx transcribe --profile``), the CPU is printed with its AVX-512/AMX flags:
+
+    python bench/longform.py --whole-process --profile --model tiny.en --seeds 2
+
 With ``--no-fallback`` both sides decode at temperature 0 alone: nothing is sampled, so both
 sides repeat from pass to pass, their WER differs only where their decoding does (not by a draw),
 and the speed ratio is over the same work. The default settings (fallback on) are what the
@@ -205,6 +213,106 @@ print(json.dumps(dict(audio_mb=audio.nbytes / 2**20, rss_before_mb=base, peak_rs
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# faster-whisper as its users run it: one process per file, the same model folder, float32.
+FASTER_WHISPER_PROCESS = """
+import json, sys
+from faster_whisper import BatchedInferencePipeline, WhisperModel
+path, audio, mode, beam, batch, threads, temperature = sys.argv[1:8]
+model = WhisperModel(path, device="cpu", compute_type="float32", cpu_threads=int(threads))
+kwargs = {} if temperature == "default" else {"temperature": float(temperature)}
+if mode == "batched":
+    segments, _ = BatchedInferencePipeline(model).transcribe(audio, batch_size=int(batch), **kwargs)
+else:
+    segments, _ = model.transcribe(audio, beam_size=int(beam), **kwargs)
+print(json.dumps("".join(s.text for s in segments)))
+"""
+
+
+def whole_process(args, wav: Path, reference: str, duration: float) -> dict:
+    """``--whole-process``: wall time of fresh processes, spawn to exit, as users run them:
+    ``wjx transcribe FILE -o -`` against a faster-whisper script (``WhisperModel`` or its
+    ``BatchedInferencePipeline``), alternately, ``--seeds`` runs each. wjx's compile cache is
+    filled by one untimed run of each row first (that cold run's time is printed); with
+    ``--profile`` every timed wjx run writes ``--profile`` and the mean of its phases is printed."""
+    from whisperjax_cli.hub import resolve_model
+    from whisperjax_cli.profile import PHASES, cpu_description
+
+    path = str(resolve_model(args.model))
+    cache = OUT / "cache-longform"
+    env = {**os.environ, "WJX_CACHE_DIR": str(cache)}
+    temperature = "0" if args.no_fallback else "default"
+    fw_rows = {"fw-greedy": ("sequential", 1), "fw-beam5": ("sequential", 5), "fw-batched": ("batched", 1)}
+    wjx_rows = {  # row: (extra flags, the faster-whisper rows it is compared with)
+        "wjx-greedy": ([], ["fw-greedy"]),
+        "wjx-beam5": (["--beam-size", "5"], ["fw-beam5"]),
+        "wjx-batched": (["--mode", "batched", "--batch-size", str(args.batch_size)], ["fw-greedy", "fw-batched"]),
+    }
+    wjx_rows = {k: v for k, v in wjx_rows.items() if k not in args.skip}
+
+    def run_fw(name):
+        mode, beam = fw_rows[name]
+        cmd = [sys.executable, "-c", FASTER_WHISPER_PROCESS, path, str(wav), mode, str(beam), str(args.batch_size),
+               str(args.threads), temperature]
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1]), time.perf_counter() - t0, None
+
+    def run_wjx(name, profile: bool):
+        flags = wjx_rows[name][0] + (["--temperature", "0"] if args.no_fallback else [])
+        report = OUT / f"profile-{name}.json"
+        cmd = [sys.executable, "-m", "whisperjax_cli", "transcribe", str(wav), "-o", "-", "-q", "-m", args.model,
+               "--threads", str(args.threads), *flags, *(["--profile", str(report)] if profile else [])]
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env, cwd=ROOT)
+        seconds = time.perf_counter() - t0
+        return out.stdout, seconds, json.loads(report.read_text()) if profile else None
+
+    print(cpu_description())
+    print(f"whole processes, spawn to exit: {duration / 60:.1f} min of audio, model {args.model}, {args.threads} "
+          f"threads, float32 (wjx batched: what --mode batched picks on this CPU); {args.seeds} timed runs per row, "
+          f"alternating; {'temperature 0 alone' if args.no_fallback else 'default temperature fallback'}")
+    for name in wjx_rows:
+        _, cold, _ = run_wjx(name, False)
+        print(f"{name}: first run (fills the compile cache, or finds it filled): {cold:.1f} s", flush=True)
+    runs = {name: [] for name in [*fw_rows, *wjx_rows]}
+    needed = [r for r in fw_rows if any(r in compared for _, compared in wjx_rows.values())]
+    for _ in range(args.seeds):
+        for name in needed:
+            runs[name].append(run_fw(name))
+        for name in wjx_rows:
+            runs[name].append(run_wjx(name, args.profile))
+    results = {}
+    print(f"{'row':14} {'seconds':>22} {'WER %':>22}")
+    for name, done in runs.items():
+        if not done:
+            continue
+        secs, wers = [s for _, s, _ in done], [wer(reference, t) for t, _, _ in done]
+        results[name] = dict(seconds=secs, wers=wers, mean_seconds=float(np.mean(secs)), mean_wer=float(np.mean(wers)))
+        print(f"{name:14} {np.mean(secs):6.1f} [{min(secs):6.1f}, {max(secs):6.1f}] "
+              f"{np.mean(wers):6.2f} [{min(wers):6.2f}, {max(wers):6.2f}]")
+    for name, (_, compared) in wjx_rows.items():
+        for fw_name in compared:
+            ours, theirs = results[name], results[fw_name]
+            lo, hi = difference_interval(ours["wers"], theirs["wers"])
+            print(f"{name} vs {fw_name}: {theirs['mean_seconds'] / ours['mean_seconds']:.2f}x faster, WER "
+                  f"{ours['mean_wer'] - theirs['mean_wer']:+.2f} (90 % bootstrap interval [{lo:+.2f}, {hi:+.2f}])")
+    if args.profile:
+        for name in wjx_rows:
+            reports = [p for _, _, p in runs[name]]
+            total = float(np.mean([p["total_seconds"] for p in reports]))
+            names = [n for n in PHASES if any(n in p["phases"] for p in reports)]
+            names += sorted({n for p in reports for n in p["phases"]} - set(names))
+            print(f"\n{name}: where the time goes (mean of {len(reports)} runs, {total:.2f} s)")
+            print(f"{'phase':16} {'seconds':>9} {'share':>6} {'count':>7}")
+            for n in names:
+                sec = float(np.mean([p["phases"].get(n, {}).get("seconds", 0.0) for p in reports]))
+                count = float(np.mean([p["phases"].get(n, {}).get("count", 0) for p in reports]))
+                print(f"{n:16} {sec:9.3f} {100 * sec / total:5.1f}% {count:7.1f}")
+            results[name]["profile"] = reports
+    results["cpu"] = cpu_description()
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny.en")
@@ -219,7 +327,18 @@ def main() -> int:
                         help="input lengths for the peak-RSS runs, e.g. 1 2 (the growth between them is reported)")
     parser.add_argument("--memory-mode", default="sequential")
     parser.add_argument("--memory-only", action="store_true", help="skip the WER/RTFx rows")
+    parser.add_argument("--whole-process", action="store_true",
+                        help="time fresh processes (wjx transcribe, a faster-whisper script) spawn to exit")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --whole-process: print where each wjx row's time goes (wjx transcribe --profile)")
     args = parser.parse_args()
+    if args.whole_process:
+        OUT.mkdir(parents=True, exist_ok=True)
+        audio, reference = synthesise(OUT / "longform.wav")
+        results = whole_process(args, OUT / "longform.wav", reference, len(audio) / SR)
+        suffix = "-t0" if args.no_fallback else ""
+        (OUT / f"longform-process-{args.model}{suffix}.json").write_text(json.dumps(results, indent=1))
+        return 0
 
     from faster_whisper import WhisperModel as FasterWhisper
 

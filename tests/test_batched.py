@@ -135,6 +135,38 @@ def test_a_looping_window_keeps_its_closed_segments_and_is_decoded_again_in_halv
     assert stream.segments[-1].text == " Then" and stream.segments[-1].end == 25.0 and stream.done
 
 
+def test_a_packed_window_whose_text_stops_early_is_decoded_on_from_its_last_segment(tiny_en):
+    """tiny.en ends some packed windows sentences before their speech does (bench/longform.py:
+    27.8 % WER against 23.7 % when decoded on); with nothing but quiet left, the window is done."""
+    from whisperjax_cli.packing import WindowCuts
+    from whisperjax_cli.streams import FileState, Stream
+    from whisperjax_cli.longform import Transcriber
+    from whisperjax_cli.options import TranscribeOptions
+    from whisperjax_cli.window_decoder import DecodingResult
+
+    tok = tiny_en.tokenizer
+    ts = lambda s: tok.timestamp_begin + round(s / 0.02)  # noqa: E731
+
+    def closed(*tokens):  # the model closed its last segment and stopped
+        return DecodingResult(list(tokens), tok.decode([t for t in tokens if t < tok.eot]), -5.0, -0.2, 0.0, 0.0, 1.2)
+
+    quiet = np.zeros(3000, bool)
+    quiet[2200:] = True  # sound until 22 s, then quiet to the window's end
+    cuts = WindowCuts(quiet, np.where(quiet, -8.0, -2.0))
+    transcriber = Transcriber(tiny_en, TranscribeOptions(mode="batched"))
+    f = FileState(0, None, None, 3000, "en", None, (), [], None, 3000, cuts)
+    stream = Stream(0, [(0, 3000)], [], packed=True)
+    transcriber._advance(f, stream, 3000, closed(ts(0), *tok.encode(" Hello there."), ts(7.5), ts(8.0)))
+    assert stream.seek == 750 and not stream.done  # 14.5 s of sound after 7.5 s: decoded on from there
+    transcriber._advance(f, stream, 2250, closed(ts(0), *tok.encode(" Bye."), ts(14.0), ts(14.5)))
+    assert stream.done  # 0.5 s of sound after 21.5 s: less than CONTINUE_MIN, the window is done
+    assert [(s.start, s.end, s.text) for s in stream.segments] == [(0.0, 7.5, " Hello there."), (7.5, 21.5, " Bye.")]
+    # Text that closes within the window's first CONTINUE_MIN moves on too (no window is decoded twice).
+    stream = Stream(0, [(0, 3000)], [], packed=True)
+    transcriber._advance(f, stream, 3000, closed(ts(0), *tok.encode(" Hi."), ts(0.5), ts(0.6)))
+    assert stream.done and stream.segments[0].text == " Hi."
+
+
 def test_batched_mode_defaults_are_faster_whisper_s_and_yield_to_explicit_ones(tiny_en):
     from whisperjax_cli.longform import Transcriber
     from whisperjax_cli.options import TranscribeOptions

@@ -53,6 +53,7 @@ def is_digital_silence(samples: np.ndarray) -> bool:
 
 
 SPLIT_MIN = 500  # frames: what is left of a looping window is decoded again, as two if each half has 5 s
+CONTINUE_MIN = 100  # frames: a packed window is decoded on from its last closed segment if 1 s of sound is left
 
 
 class Transcriber:
@@ -365,7 +366,11 @@ class Transcriber:
                     start = offset + (rest[0] - ts_begin) * SECONDS_PER_TOKEN
                     end = offset + size / FRAMES_PER_SECOND
                     segments.append(self._segment(f, seek, size, start, end, rest, result, mapped))
-                advance = size
+                    advance = size
+                elif not result.looped:  # a loop's remainder is split (above) or given up
+                    advance = self._packed_advance(f, s, size, advance)
+                else:
+                    advance = size
         elif split:
             return [], 0
         else:
@@ -376,6 +381,16 @@ class Transcriber:
             segments.append(self._segment(f, seek, size, offset, offset + duration, tokens, result, mapped))
             advance = size
         return segments, advance
+
+    def _packed_advance(self, f: FileState, s: Stream, size: int, closed: int) -> int:
+        """Where a packed window's stream goes on after the model closed its last segment at
+        ``closed`` frames and stopped: past the window, unless at least ``CONTINUE_MIN`` of sound
+        follows (the model dropped the window's last sentences), then from ``closed`` on, as
+        OpenAI's loop seeks; a window that closed nothing in its first ``CONTINUE_MIN`` moves on."""
+        if closed < CONTINUE_MIN or f.cuts is None:
+            return size
+        heard = f.cuts.sound_end(s.seek + closed, s.seek + size) - (s.seek + closed)
+        return closed if heard >= CONTINUE_MIN else size
 
     def _segment(self, f: FileState, seek, size, start, end, tokens: np.ndarray, result, mapped: bool = True
                  ) -> Segment:
