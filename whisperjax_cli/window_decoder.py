@@ -11,6 +11,7 @@ import dataclasses
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from whisperjax_cli.beam import beam_search_window
@@ -21,7 +22,7 @@ from whisperjax_cli.profile import Timings, maybe
 from whisperjax_cli.timestamps import TimestampConfig
 
 Array = jax.Array
-PROMPT_BUCKETS = (8, 64, 128, 232)  # left-padded prompt lengths (sot_prev + 223 + sot sequence fits)
+PROMPT_BUCKETS = (8, 232)  # left-padded prompt lengths (sot_prev + 223 + sot sequence fits)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -101,6 +102,13 @@ def build_prompt(tokenizer, sot_sequence, previous: list[int], without_timestamp
 _UNUSED_KEY = np.zeros((2,), np.uint32)  # the key argument of greedy decoding, never read
 
 
+@jax.jit
+def take_rows(audio: Array, rows: np.ndarray) -> Array:
+    """``audio[rows]`` as one program per shape (eager indexing was five: gather, and the
+    broadcasts, add and select of normalizing the indices; each traced and compiled per process)."""
+    return jnp.take(audio, rows, axis=0, mode="clip")
+
+
 class LazyKey:
     """A PRNG key whose splits are replayed only when a key is drawn from.
 
@@ -123,13 +131,24 @@ class LazyKey:
             chain.append(node)
             node = node._parent
         if node._key is None:
-            node._key = jax.random.PRNGKey(0)
+            node._key = _ROOT_KEY
         for node in reversed(chain):
             parent = node._parent
             if parent._halves is None:
-                parent._halves = jax.random.split(parent._key)
+                parent._halves = _split_key(parent._key)
             node._key, node._parent = parent._halves[node._index], None
         return self._key
+
+
+_ROOT_KEY = np.zeros((2,), np.uint32)  # jax.random.PRNGKey(0): threefry's key of seed 0 is [0, 0]
+
+
+@jax.jit
+def _split_key(key: Array) -> tuple[Array, Array]:
+    """``jax.random.split(key)`` as a pair, one program (eager, the split and each half's
+    indexing were four programs per process)."""
+    halves = jax.random.split(key)
+    return halves[0], halves[1]
 
 
 class WindowDecoder:
@@ -236,7 +255,7 @@ class WindowDecoder:
         padded, pad = left_pad([p for p in prompts + [prompts[0]] * (size - len(rows)) for _ in range(repeat)],
                                prompt_len, self.tokenizer.eot)
         if audio.shape[0] != size or np.any(gather != np.arange(size)):  # else every row is in place
-            audio = audio[gather]
+            audio = take_rows(audio, gather.astype(np.int32))
         hold = None
         if holds is not None and self.config.timestamps is not None:
             hold = np.repeat(np.asarray(holds + [holds[0]] * (size - len(rows)), np.int32), repeat)
