@@ -436,19 +436,14 @@ class FasterWhisper:
 # ---------------------------------------------------------------- the run
 
 def cpu_description() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "CPU: unknown (no /proc/cpuinfo)"
-    lines = info.splitlines()
-    model = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), "?")
-    flags = set(next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), []))
-    marks = " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16"))
+    """The CPU model and flags (whisperjax_cli.profile's), with the load average."""
+    from whisperjax_cli.profile import cpu_description as describe
+
     try:
         load = " load average " + " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         load = ""
-    return f"CPU: {model}, {os.cpu_count()} cores; {marks};{load}"
+    return f"{describe()};{load}"
 
 
 def run_model(name: str, args, audio, meta) -> dict:

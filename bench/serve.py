@@ -46,12 +46,10 @@ SHORT = ("goforward.flac", "something.wav", "cards-005.flac", "numbers.flac", "c
 
 
 def cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return "CPU: unknown (no /proc/cpuinfo)"
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
-    return f"CPU: {model}, {os.cpu_count()} logical cores, load average {os.getloadavg()[0]:.1f}"
+    """The CPU model and flags (whisperjax_cli.profile's), with the load average."""
+    from whisperjax_cli.profile import cpu_description
+
+    return f"{cpu_description()}, load average {os.getloadavg()[0]:.1f}"
 
 
 def make_clips(folder: Path, count: int, low: float, high: float, seed: int) -> list[tuple[Path, float]]:

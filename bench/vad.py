@@ -28,17 +28,10 @@ from whisperjax_cli.audio import SAMPLE_RATE, load_audio  # noqa: E402
 
 
 def cpu_description() -> str:
-    """The CPU model and whether it has AVX-512, AVX-512 BF16 and AMX (from /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return "CPU: unknown (no /proc/cpuinfo)"
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    names = ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-    marks = [f"{name}={'yes' if name in flags else 'no'}" for name in names]
-    return f"CPU: {model}, {os.cpu_count()} cores; " + " ".join(marks)
+    """The CPU model and whether it has AVX-512, AVX-512 BF16 and AMX (whisperjax_cli.profile's)."""
+    from whisperjax_cli.profile import cpu_description as describe
+
+    return describe()
 
 
 def _gap(rng: np.random.Generator, n: int) -> np.ndarray:

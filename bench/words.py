@@ -24,7 +24,6 @@ import argparse
 import difflib
 import math
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -97,16 +96,10 @@ def build_clip(sentence: str, voice: str, speed: int, rng: np.random.Generator):
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
-                    return f"{name}, {os.cpu_count()} cores{', AVX512-BF16' if 'avx512_bf16' in flags else ''}"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU model and flags (whisperjax_cli.profile's)."""
+    from whisperjax_cli.profile import cpu_description
+
+    return cpu_description().removeprefix("CPU: ")
 
 
 def normalise(word: str) -> str:
