@@ -367,10 +367,8 @@ class Transcriber:
                     end = offset + size / FRAMES_PER_SECOND
                     segments.append(self._segment(f, seek, size, start, end, rest, result, mapped))
                     advance = size
-                elif not result.looped:  # a loop's remainder is split (above) or given up
-                    advance = self._packed_advance(f, s, size, advance)
-                else:
-                    advance = size
+                else:  # a loop's remainder is split (above) or given up, never decoded on
+                    advance = size if result.looped else self._packed_advance(f, s, size, advance)
         elif split:
             return [], 0
         else:
