@@ -327,11 +327,11 @@ def test_interrupt_while_writing_leaves_no_partial_files(run, monkeypatch, tmp_p
     real = writers._write_temp
     calls = []
 
-    def write_then_interrupt(path, text):
+    def write_then_interrupt(path, text, made):
         calls.append(path)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(path, text)
+        return real(path, text, made)
 
     monkeypatch.setattr(writers, "_write_temp", write_then_interrupt)
     result = run("transcribe", "-f", "all", "-o", "out", GO)

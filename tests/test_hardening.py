@@ -207,6 +207,45 @@ def test_sigterm_and_sighup_leave_no_partial_outputs(tmp_path):
                 json.loads(path.read_text())  # whole
 
 
+@pytest.mark.parametrize("moment", ["created", "written"])
+def test_a_signal_at_the_worst_moment_leaves_no_temporary_file(tmp_path, monkeypatch, moment):
+    """The race the process test above can lose only by chance (CI did once): SIGTERM delivered
+    the instant a temporary output exists, before the writer has recorded it, or mid-write."""
+    from whisperjax_cli import writers
+    from whisperjax_cli.interrupts import Terminated, handle_termination
+    from whisperjax_cli.results import Segment, Transcript
+
+    real_open, real_fdopen = os.open, os.fdopen
+
+    def open_then_signal(*args, **kwargs):
+        fd = real_open(*args, **kwargs)
+        if moment == "created":
+            signal.raise_signal(signal.SIGTERM)  # its handler runs before this call returns
+        return fd
+
+    def fdopen_then_signal(*args, **kwargs):
+        if moment == "written":
+            signal.raise_signal(signal.SIGTERM)
+        return real_fdopen(*args, **kwargs)
+
+    monkeypatch.setattr(writers.os, "open", open_then_signal)
+    monkeypatch.setattr(writers.os, "fdopen", fdopen_then_signal)
+    previous = handle_termination()
+    try:
+        segment = Segment(id=0, seek=0, start=0.0, end=1.0, text=" Go.", tokens=[], temperature=0.0,
+                          avg_logprob=-0.1, compression_ratio=1.0, no_speech_prob=0.01)
+        transcript = Transcript(text=" Go.", segments=[segment], language="en", language_probability=1.0,
+                                duration=1.0)
+        with pytest.raises(Terminated):
+            writers.write_transcript(transcript, tmp_path, "clip", ["all"])
+        with pytest.raises(Terminated):
+            writers.write_atomic(tmp_path / "clip.json", "{}")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert sorted(os.listdir(tmp_path)) == []
+
+
 def test_closed_stdout_ends_quietly(tmp_path):
     shutil.copy(GO, tmp_path / "a.flac")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WJX_", "JAX_", "XLA_"))}

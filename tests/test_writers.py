@@ -455,11 +455,11 @@ def test_write_transcript_all_or_nothing(transcript, tmp_path, monkeypatch):
     real_write_temp = writers._write_temp
     calls = []
 
-    def write_temp_failing_third(path, text):
+    def write_temp_failing_third(path, text, made):
         calls.append(path)
         if len(calls) == 3:
             raise OSError(28, "No space left on device")
-        return real_write_temp(path, text)
+        return real_write_temp(path, text, made)
 
     monkeypatch.setattr(writers, "_write_temp", write_temp_failing_third)
     with pytest.raises(OSError):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from whisperjax_cli.errors import ModelError, UsageError
+from whisperjax_cli.interrupts import uninterrupted
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -130,8 +131,10 @@ def convert_model(source: str, destination: Path, dtype: str = "float32") -> Pat
     config = {**files.config, **files.dims.to_hf_config()}
     config.setdefault("architectures", ["WhisperForConditionalGeneration"])
     destination.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
+    temp = None
     try:
+        with uninterrupted():  # SIGTERM cannot come between making the folder and naming it
+            temp = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
         save_file(state, str(temp / "model.safetensors"), metadata={"format": "pt"})
         (temp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         generation = _generation_config(files)
@@ -145,7 +148,8 @@ def convert_model(source: str, destination: Path, dtype: str = "float32") -> Pat
             destination.rmdir()  # empty, checked above
         os.replace(temp, destination)
     except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
         raise
     return destination
 

@@ -28,6 +28,7 @@ from typing import Callable, Optional
 import click
 
 from whisperjax_cli.errors import ModelError, UsageError, WjxError
+from whisperjax_cli.interrupts import Terminated, check_terminated, handle_termination  # noqa: F401 - re-exported
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MODEL = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_PIPE = 130, 128 + 13
@@ -56,43 +57,6 @@ def describe(err: BaseException, subject: Optional[str] = None) -> str:
     return one_line(f"{subject}: {text}" if subject else text)
 
 
-class Terminated(BaseException):
-    """SIGTERM or SIGHUP, raised in the main thread so that the run unwinds as for Ctrl-C:
-    temporary outputs are removed by the ``finally`` blocks that made them."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _raise_terminated(signum, frame):
-    _RECEIVED.append(signum)
-    raise Terminated(signum)
-
-
-# Signals received. Raising in the handler can land inside a C callback (libsndfile's reads call
-# back into Python), which swallows the exception: check_terminated() raises it again at the
-# command's own safe points.
-_RECEIVED: list[int] = []
-
-
-def check_terminated() -> None:
-    """Raises :class:`Terminated` if SIGTERM/SIGHUP came and its exception was swallowed."""
-    if _RECEIVED:
-        raise Terminated(_RECEIVED[0])
-
-
-def handle_termination() -> dict:
-    """SIGTERM and SIGHUP raise :class:`Terminated`; returns the handlers they had."""
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        try:
-            previous[sig] = signal.signal(sig, _raise_terminated)
-        except (ValueError, OSError):  # not the main thread (a library caller's): leave theirs
-            pass
-    return previous
-
-
 def exit_code(err: BaseException) -> int:
     """The documented exit code of an error that ended a command."""
     if isinstance(err, Terminated):
@@ -109,7 +73,6 @@ def exit_code(err: BaseException) -> int:
 def run_guarded(debug: bool, body: Callable[[], int]) -> None:
     """Runs a command body and exits with the code its outcome maps to."""
     previous = handle_termination()
-    _RECEIVED.clear()
     try:
         code = body()
     except (click.exceptions.ClickException, click.exceptions.Exit):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from whisperjax_cli.errors import ModelError
+from whisperjax_cli.interrupts import uninterrupted
 
 # Bundled registry packages: alias -> (package, files inside it; several parts are joined).
 BUNDLED = {
@@ -72,15 +73,18 @@ def _join_parts(part1: Path, rest_dir: Path, target: Path) -> Path:
     for f in rest_dir.iterdir():
         if f.suffix == ".json":
             shutil.copyfile(f, target / f.name)
-    fd, tmp = tempfile.mkstemp(dir=target, prefix=".model.bin.")
+    tmp = None
     try:
+        with uninterrupted():  # SIGTERM cannot come between making the file and naming it
+            fd, tmp = tempfile.mkstemp(dir=target, prefix=".model.bin.")
         with os.fdopen(fd, "wb") as out:
             for part in (part1, part2):
                 with open(part, "rb") as src:
                     shutil.copyfileobj(src, out, 1 << 22)
         os.replace(tmp, model)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return target
 

@@ -35,6 +35,7 @@ import re
 from typing import Callable, Iterable, Optional
 
 from whisperjax_cli.errors import UsageError
+from whisperjax_cli.interrupts import uninterrupted
 from whisperjax_cli.results import Segment, Transcript, Word
 
 FORMATS = ("txt", "srt", "vtt", "tsv", "json", "jsonl")
@@ -465,28 +466,27 @@ def output_stems(inputs: list[Path]) -> dict[Path, str]:
 # --- atomic files ------------------------------------------------------------------------------
 
 
-def _write_temp(path: Path, text: str) -> Path:
+def _write_temp(path: Path, text: str, made: list[Path]) -> Path:
     """Writes ``text`` as UTF-8 to a new hidden file beside ``path`` and returns its path.
 
-    On any error the temporary file is removed before the error propagates.
+    The file is appended to ``made`` the moment it exists (SIGTERM/SIGHUP cannot come in
+    between), so that the caller's cleanup finds it whatever interrupts the writing.
     """
     while True:
         temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
-            # os.open with 0o666 lets the umask decide permissions, as a plain open() would
-            # (mkstemp would leave every output readable by its owner only).
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with uninterrupted():
+                # os.open with 0o666 lets the umask decide permissions, as a plain open() would
+                # (mkstemp would leave every output readable by its owner only).
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                made.append(temp)
             break
         except FileExistsError:
             continue
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())  # the data is on disk before the rename makes it visible
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())  # the data is on disk before the rename makes it visible
     return temp
 
 
@@ -494,14 +494,15 @@ def write_atomic(path: Path | str, text: str) -> None:
     """Writes ``text`` to ``path`` so that readers see the old file or the new one, never half.
 
     The text goes to a temporary file in the same folder, then ``os.replace`` swaps it in.
-    On any error the temporary file is removed and ``path`` is left as it was.
+    On any error (or SIGTERM) the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    temp = _write_temp(path, text)
+    made: list[Path] = []
     try:
-        os.replace(temp, path)
+        os.replace(_write_temp(path, text, made), path)
     except BaseException:
-        temp.unlink(missing_ok=True)
+        for temp in made:
+            temp.unlink(missing_ok=True)
         raise
 
 
@@ -533,14 +534,13 @@ def write_transcript(
     for fmt in fmts:
         writer = get_writer(fmt)
         texts.append((output_dir / f"{stem}.{writer.extension}", writer.render(transcript, subtitle_options)))
-    temps: list[tuple[Path, Path]] = []
+    made: list[Path] = []  # every temporary file created, even one a signal cut off mid-write
     try:
-        for path, text in texts:
-            temps.append((_write_temp(path, text), path))
+        temps = [(_write_temp(path, text, made), path) for path, text in texts]
         for temp, path in temps:
             os.replace(temp, path)
     except BaseException:
-        for temp, _ in temps:
+        for temp in made:
             temp.unlink(missing_ok=True)
         raise
     return [path for path, _ in texts]
