@@ -212,7 +212,7 @@ def test_a_signal_at_the_worst_moment_leaves_no_temporary_file(tmp_path, monkeyp
     """The race the process test above can lose only by chance (CI did once): SIGTERM delivered
     the instant a temporary output exists, before the writer has recorded it, or mid-write."""
     from whisperjax_cli import writers
-    from whisperjax_cli.interrupts import Terminated, handle_termination
+    from whisperjax_cli.interrupts import Terminated, forget_signals, handle_termination
     from whisperjax_cli.results import Segment, Transcript
 
     real_open, real_fdopen = os.open, os.fdopen
@@ -240,10 +240,13 @@ def test_a_signal_at_the_worst_moment_leaves_no_temporary_file(tmp_path, monkeyp
             writers.write_transcript(transcript, tmp_path, "clip", ["all"])
         with pytest.raises(Terminated):
             writers.write_atomic(tmp_path / "clip.json", "{}")
+        monkeypatch.undo()
+        writers.write_atomic(tmp_path / "after.json", "{}")  # a signal once held is not raised again
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    assert sorted(os.listdir(tmp_path)) == []
+        forget_signals()
+    assert sorted(os.listdir(tmp_path)) == ["after.json"]
 
 
 def test_closed_stdout_ends_quietly(tmp_path):

@@ -28,7 +28,8 @@ from typing import Callable, Optional
 import click
 
 from whisperjax_cli.errors import ModelError, UsageError, WjxError
-from whisperjax_cli.interrupts import Terminated, check_terminated, handle_termination  # noqa: F401 - re-exported
+from whisperjax_cli.interrupts import (Terminated, check_terminated, forget_signals,  # noqa: F401 - re-exported
+                                      handle_termination)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MODEL = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_PIPE = 130, 128 + 13
@@ -99,6 +100,7 @@ def run_guarded(debug: bool, body: Callable[[], int]) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        forget_signals()
     click.get_current_context().exit(code)
 
 

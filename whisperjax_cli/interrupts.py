@@ -68,10 +68,16 @@ def uninterrupted() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    before = len(_RECEIVED)
     _held += 1
     try:
         yield
     finally:
         _held -= 1
-    if not _held:
-        check_terminated()
+    if not _held and len(_RECEIVED) > before:  # one came while held (not one of an earlier run)
+        raise Terminated(_RECEIVED[before])
+
+
+def forget_signals() -> None:
+    """Drops the signals received: the command that they ended is over."""
+    _RECEIVED.clear()
