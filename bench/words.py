@@ -155,13 +155,14 @@ def align_one_by_one(model, windows) -> None:
     import copy
 
     from whisperjax_cli import timing
+    from whisperjax_cli.word_decisions import last_word_end
 
     last = 0.0
     for window, encoded in windows:
         window = copy.deepcopy(window)
         window.last_speech_timestamp = last
         timing.add_word_timestamps(model, encoded, [window])
-        last = timing.last_word_end(window.segments) or last
+        last = last_word_end(window.segments) or last
 
 
 def accuracy(name: str, clips: list, threads: int) -> None:

@@ -296,10 +296,10 @@ def test_best_of_rows_keep_their_own_audio_when_the_batch_shrinks(tiny_en, clip_
     for names in (pair, pair[::-1]):  # either window may end first
         mels = np.stack([pad_or_trim(log_mel_spectrogram(clip_audio[n]), N_FRAMES) for n in names])
         audio = decoder.encode(mels)
-        greedy = decoder._decode_rows(audio, [0, 1], [prompt, prompt], len(prompt), 0.0, None)
+        greedy, _ = decoder._decode_rows(audio, [0, 1], [prompt, prompt], len(prompt), 0.0, None)
         decoder._best = lambda candidates: candidates  # keep all three samples, not the best
-        sampled = decoder._decode_rows(audio, [0, 1], [prompt, prompt], len(prompt), 1e-4,
-                                       LazyKey(jax.random.PRNGKey(1)))
+        sampled, _ = decoder._decode_rows(audio, [0, 1], [prompt, prompt], len(prompt), 1e-4,
+                                          LazyKey(jax.random.PRNGKey(1)))
         del decoder._best
         assert len(greedy[0].tokens) != len(greedy[1].tokens)
         for g, samples in zip(greedy, sampled):
@@ -322,10 +322,10 @@ def test_when_every_temperature_fails_the_likeliest_not_repetitive_result_is_kep
         1.0: (-1.8, 1.2),
     }
 
-    def rows(audio, todo, prompts, tail, temperature, key, holds=None):
+    def rows(audio, todo, prompts, tail, temperature, key, holds=None, keep_cross=False):
         lp, cr = scripted[temperature]
         return [DecodingResult([1, 2], f"t{temperature}", 3 * lp, lp, 0.1, temperature, cr, temperature in looped)
-                for _ in todo]
+                for _ in todo], None
 
     monkeypatch.setattr(decoder, "_decode_rows", rows)
     (kept,) = decoder.decode(None, 1, [[1]], 1, jax.random.PRNGKey(0))

@@ -198,3 +198,21 @@ def test_rows_sharing_an_audio_equal_repeating_it():
     b, _ = decode(nxt, repeated, 2)
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert grouped.cross_k[0].shape[0] == 2 and grouped.self_k[0].shape[0] == 6 * dims.n_text_head
+
+
+@pytest.mark.parametrize("block", [7, 16, 64])
+def test_target_probs_equal_a_softmax_over_the_text_vocabulary(block):
+    """The blocked log-sum-exp gives the probabilities a whole-vocabulary softmax gives, whatever
+    the block (7 and 16 do not divide the limit: the last block overlaps the one before; 64 is
+    more than the whole vocabulary)."""
+    dims, module, params, _ = _tiny_random()
+    limit = dims.n_vocab - 3
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(0, 4, (5, dims.n_text_state)).astype(np.float32))  # peaked distributions
+    targets = jnp.asarray([0, limit - 1, 3, 17, limit // 2], jnp.int32)
+    logits = module.apply({"params": params}, x[None], method=Whisper.logits)[0, :, :limit]
+    expected = np.exp(np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, -1)), np.asarray(targets)[:, None], 1))[:, 0]
+    got = module.apply({"params": params}, x, targets, limit, block,
+                       method=lambda m, *a: m.decoder.target_probs(*a))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-9)
+    assert float(np.max(expected)) > 0.01  # the case is not all-uniform

@@ -145,8 +145,14 @@ def decode_all(model) -> dict:
     from whisperjax_cli.options import TranscribeOptions
     from whisperjax_cli.window_decoder import WindowDecoder
 
+    from whisperjax_cli.longform import transcribe_files
+
     paths = [DATA / c for c in CLIPS]
     out = {mode: segments(model, mode) for mode in ("sequential", "batched")}
+    # word timing reads the decode's audio keys/values, which are spread over the devices too
+    events = transcribe_files(model, paths, mode="batched", batch_size=4, temperature=0.0, word_timestamps=True)
+    out["words"] = [[[w.word, w.start, w.end, w.probability] for s in e.transcript.segments for w in s.words]
+                    for e in events]
     mels = np.stack([model_window(LogMelWindows(load_audio(p), model.n_mels, padding=480000), 0, 3000)
                      for p in paths[:3]])
     tok = model.tokenizer
@@ -211,6 +217,10 @@ def test_four_devices_decode_as_one_device(tiny_en, tmp_path):
     for mode in ("sequential", "batched"):
         assert_same_segments(one[mode], many[mode])
     assert_same_segments(one["sequential"], many["split"])  # sums split over 2 devices: rounding alone
+    assert [[w[0] for w in f] for f in one["words"]] == [[w[0] for w in f] for f in many["words"]]
+    assert sum(len(f) for f in one["words"]) > 10
+    np.testing.assert_allclose([w[1:] for f in one["words"] for w in f], [w[1:] for f in many["words"] for w in f],
+                               atol=1e-4)
     for name in ("sampled", "beam"):
         assert [r[0] for r in one[name]] == [r[0] for r in many[name]], name
         np.testing.assert_allclose([r[1] for r in one[name]], [r[1] for r in many[name]], rtol=1e-4)

@@ -304,4 +304,4 @@ def beam_search_window(module: Whisper, params, inputs: DecodeInputs, config: Lo
         inputs.suppress_mask, inputs.begin_mask, config, take_rows, functools.partial(take_slots, block=SLOT_BLOCK),
         inputs.hold,
     )
-    return DecodeOutput(tokens, sum_logprobs, no_speech_prob, looped)
+    return DecodeOutput(tokens, sum_logprobs, no_speech_prob, looped, cross if config.keep_cross else None)

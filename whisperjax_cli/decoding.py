@@ -37,6 +37,7 @@ class LoopConfig:
     loop_span: int = 0  # > 0: end a row once it loops (see repeats_itself); 0: never
     group: int = 1  # consecutive rows per audio sharing one prompt (best-of samples)
     beam: Optional["BeamConfig"] = None  # beam search instead of greedy/sampling (temperature 0)
+    keep_cross: bool = False  # return the audio's cross-attention keys/values (word timing reuses them)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +88,7 @@ class DecodeOutput:
     sum_logprobs: Array  # float32 [batch]
     no_speech_prob: Array  # float32 [batch]
     looped: Optional[Array] = None  # bool [batch], when the loop stops looping rows
+    cross: Optional[tuple] = None  # Whisper.cross_kv of the audio rows, with LoopConfig.keep_cross
 
 
 def suppress(logits: Array, mask: Array) -> Array:
@@ -342,7 +344,8 @@ def decode_window(module: Whisper, params, inputs: DecodeInputs, config: LoopCon
     )
     state = decode_phases(module, params, state, pad, group, jnp.int32(prompt_len), inputs.suppress_mask,
                           inputs.begin_mask, inputs.temperature, config, hold)
-    return DecodeOutput(state.tokens[:, prompt_len:], state.sum_logprobs, no_speech_prob, state.looped)
+    return DecodeOutput(state.tokens[:, prompt_len:], state.sum_logprobs, no_speech_prob, state.looped,
+                        cross if config.keep_cross else None)
 
 
 ENCODE_CHUNK = 2  # windows per encoder pass; bigger batches run one chunk after another

@@ -195,12 +195,14 @@ class Transcriber:
             if self.timings is not None:
                 audio.block_until_ready()  # else its device time lands in the decode phase
         self.key, sub = self.key.split()
-        results = self.decoder.decode(audio, len(streams), prompts, tail, sub,
-                                      holds if self._hold else None,  # a mode's files all have cuts or none
-                                      timings=self.timings)
+        # With word timestamps the decode hands back the audio's cross-attention keys/values: the
+        # alignment pass reads them instead of computing them again.
+        holds = holds if self._hold else None  # a mode's files all have cuts or none
+        results, cross = self.decoder.decode_keeping_cross(audio, len(streams), prompts, tail, sub, holds,
+                                                           self.timings, keep=self.options.word_timestamps)
         if self.options.word_timestamps:
             with maybe(self.timings, "words"):
-                decided = self._words(files, streams, sizes, results, audio)
+                decided = self._words(files, streams, sizes, results, cross)
         else:
             decided = [None] * len(streams)
         with maybe(self.timings, "host"):
@@ -265,7 +267,7 @@ class Transcriber:
                 s.prompt_reset_since = len(s.prompt)
         s.advance()
 
-    def _words(self, files: dict, streams: list[Stream], sizes: list[int], results, audio) -> list:
+    def _words(self, files: dict, streams: list[Stream], sizes: list[int], results, cross) -> list:
         """Word timestamps for a decoded batch (one alignment pass over its windows), then
         OpenAI's uses of them (:func:`~whisperjax_cli.word_decisions.word_seek`). Returns per row the
         ``decided`` argument of :meth:`_advance`: None (a silent window), ``(segments, frames to
@@ -287,7 +289,7 @@ class Transcriber:
             windows.append(WindowWords(new, s.seek / FRAMES_PER_SECOND, size, row, f.sot_sequence, f.language, samples,
                                        last_speech_timestamp=s.last_speech))
             rows[row] = (new, advance)
-        add_word_timestamps(self.model, audio, windows, opts.word_options)
+        add_word_timestamps(self.model, cross, windows, opts.word_options)
         for row, (s, size, result) in enumerate(zip(streams, sizes, results)):
             if rows[row] is None:
                 continue

@@ -7,8 +7,9 @@ How a window's words get their times (OpenAI's ``whisper/timing.py``, as faster-
    scores and each text token's probability. The scores are cropped to the window's content
    (``num_frames // 2`` encoder positions), softmaxed over them, normalised per head over the
    tokens (z-scores), median-filtered along time (width 7) and averaged over the heads.
-2. Dynamic time warping over text tokens x audio positions (:func:`dtw_trace`, in the same
-   program) and a host backtrace give the position where each token's row is entered.
+2. Dynamic time warping over text tokens x audio positions (:func:`dtw_trace`, a program of its
+   own: fused into the pass, XLA made it 40x slower) and a host backtrace give the position
+   where each token's row is entered.
 3. Words are the tokenizer's (spaces, or characters for CJK/Thai/Lao/Burmese); long words at
    sentence edges are clipped, punctuation merged (:func:`merge_punctuations`), and the first and
    last word of each segment reconciled with the segment's own timestamps (:func:`_fit_segment`).
@@ -193,6 +194,7 @@ def attention_matrix(scores: jax.Array, lengths: jax.Array, frames: jax.Array, w
     return jnp.where(frame_ok[:, 0] & token_ok[:, 0], mean, 0.0)
 
 
+@jax.jit
 def dtw_trace(cost: jax.Array) -> jax.Array:
     """OpenAI's dynamic time warping over ``cost`` ``[batch, N, M]``, one anti-diagonal per step.
 
@@ -255,19 +257,25 @@ def backtrace(trace: np.ndarray, row: int, n: int, m: int) -> np.ndarray:
     return entry
 
 
-LOGIT_ROWS = 128  # text positions projected onto the vocabulary at once: bounds the logits to ~26 MB
+LOGIT_ROWS = 64  # text positions projected onto the vocabulary at once (a window's last chunk is padding)
 
 
-def _window_matrix(module: Whisper, params, audio: jax.Array, tokens: jax.Array, length: jax.Array,
-                   start: jax.Array, frames: jax.Array, heads: tuple, width: int):
-    """One window's alignment matrix ``[T, F]`` (rows from ``<|notimestamps|>`` on) and final
-    hidden states ``[T, state]``, for ``audio`` ``[1, n_audio_ctx, state]``, ``tokens`` ``[1, T]``."""
-    cross = module.apply({"params": params}, audio, method=Whisper.cross_kv)
+SCORES_BUDGET = 256 << 20  # bytes of the heads' scores of a whole batch, kept to be normalised at once
+
+
+def _window_scores(module: Whisper, params, cross: tuple, tokens: jax.Array, heads: tuple):
+    """One window's alignment heads' cross-attention scores ``[heads, T, F]`` and final hidden
+    states ``[T, state]``, for ``cross`` its audio's keys/values (``Whisper.cross_kv`` of one
+    row) and ``tokens`` ``[1, T]``."""
     hidden, scores = module.apply({"params": params}, tokens, cross, method=Whisper.forward_with_scores)
-    chosen = jnp.stack([scores[layer][:, head] for layer, head in heads], axis=1)  # [1, heads, T, F]
-    matrix = attention_matrix(chosen, length[None], frames[None], width)[0]  # [T, F]
-    rows = jnp.clip(start + jnp.arange(tokens.shape[1]), 0, tokens.shape[1] - 1)
-    return matrix[rows], hidden[0]
+    return jnp.stack([scores[layer][0, head] for layer, head in heads]), hidden[0]
+
+
+def _from_start(matrices: jax.Array, starts: jax.Array) -> jax.Array:
+    """Row ``b`` of ``matrices`` ``[batch, T, F]`` moved up by ``starts[b]`` rows (rows from
+    ``<|notimestamps|>`` on); the rows this frees at the bottom repeat the last."""
+    rows = jnp.clip(starts[:, None] + jnp.arange(matrices.shape[1])[None, :], 0, matrices.shape[1] - 1)
+    return jnp.take_along_axis(matrices, rows[:, :, None], axis=1)
 
 
 def _token_probs(module: Whisper, params, hidden: jax.Array, picks: jax.Array, targets: jax.Array,
@@ -279,9 +287,7 @@ def _token_probs(module: Whisper, params, hidden: jax.Array, picks: jax.Array, t
     def chunk(c, out):
         idx = jax.lax.dynamic_slice_in_dim(picks, c * LOGIT_ROWS, LOGIT_ROWS)
         tgt = jax.lax.dynamic_slice_in_dim(targets, c * LOGIT_ROWS, LOGIT_ROWS)
-        logits = module.apply({"params": params}, hidden[idx][None], method=Whisper.logits)[0, :, :eot]
-        logprobs = jax.nn.log_softmax(logits, axis=-1)  # [LOGIT_ROWS, eot]
-        probs = jnp.exp(jnp.take_along_axis(logprobs, jnp.clip(tgt, 0, eot - 1)[:, None], axis=1)[:, 0])
+        probs = module.apply({"params": params}, hidden[idx], tgt, eot, method=Whisper.target_probs)
         return jax.lax.dynamic_update_slice_in_dim(out, probs, c * LOGIT_ROWS, 0)
 
     chunks = (count + LOGIT_ROWS - 1) // LOGIT_ROWS
@@ -289,7 +295,7 @@ def _token_probs(module: Whisper, params, hidden: jax.Array, picks: jax.Array, t
 
 
 @functools.partial(jax.jit, static_argnames=("module", "heads", "eot", "width"))
-def alignment_pass(module: Whisper, params, audio: jax.Array, windows: jax.Array, tokens: jax.Array,
+def alignment_pass(module: Whisper, params, cross: tuple, windows: jax.Array, tokens: jax.Array,
                    lengths: jax.Array, starts: jax.Array, frames: jax.Array, picks: jax.Array,
                    count: jax.Array, heads: tuple, eot: int, width: int):
     """One teacher-forced pass over each window's final tokens, and the DTW on its attention.
@@ -299,10 +305,11 @@ def alignment_pass(module: Whisper, params, audio: jax.Array, windows: jax.Array
 
     Args:
       module, params: the model.
-      audio: encoder output ``[batch, n_audio_ctx, state]``.
+      cross: the audio's cross-attention keys/values (``Whisper.cross_kv``), row ``b`` for
+        window ``b``, as the decode made them: they are not computed again.
       windows: int32 scalar, the rows of ``tokens`` in use.
       tokens: int32 ``[batch, T]``: ``sot sequence, <|notimestamps|>, text, <|endoftext|>``, padded;
-        row ``b`` decodes ``audio[b]``.
+        row ``b`` decodes audio row ``b``.
       lengths: int32 ``[batch]``, real tokens per row.
       starts: int32 ``[batch]``, index of ``<|notimestamps|>`` (the sot sequence's length).
       frames: int32 ``[batch]``, content positions (``num_frames // 2``, at least 1).
@@ -312,25 +319,34 @@ def alignment_pass(module: Whisper, params, audio: jax.Array, windows: jax.Array
       eot: static end-of-text id; text ids are below it.
       width: static median filter width.
     Returns:
-      ``(probs float32 [P], trace)``: each pick's next-token probability, and the DTW's
-      (:func:`dtw_trace`) over each row's matrix rows ``starts .. starts + T - 1``.
+      ``(probs float32 [P], cost float32 [batch, T, F])``: each pick's next-token probability,
+      and the DTW's cost (:func:`dtw_trace`), each row's matrix rows ``starts .. starts + T - 1``
+      negated.
     """
     batch, length = tokens.shape
+    n_heads, n_audio = len(heads), module.dims.n_audio_ctx
+    # A batch's heads' scores are normalised and filtered at once after the loop when they fit
+    # SCORES_BUDGET: window by window inside the loop, 8 windows of 96 tokens took 440-550 ms
+    # instead of 314 (tiny.en, 2 cores). A lone window is faster inside (38-46 ms against 59-64).
+    at_once = batch > 1 and batch * n_heads * length * n_audio * 4 <= SCORES_BUDGET
+    kept = (batch, n_heads, length, n_audio) if at_once else (batch, length, n_audio)
 
     def window(b, carry):
-        matrices, hidden = carry
-        matrix, states = _window_matrix(module, params, jax.lax.dynamic_slice_in_dim(audio, b, 1),
-                                        jax.lax.dynamic_slice_in_dim(tokens, b, 1), lengths[b], starts[b],
-                                        frames[b], heads, width)
-        return matrices.at[b].set(matrix), hidden.at[b].set(states)
+        kept, hidden = carry
+        scores, states = _window_scores(module, params,
+                                        jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, b, 1), cross),
+                                        jax.lax.dynamic_slice_in_dim(tokens, b, 1), heads)
+        if not at_once:
+            scores = attention_matrix(scores[None], lengths[b][None], frames[b][None], width)[0]
+        return kept.at[b].set(scores), hidden.at[b].set(states)
 
-    empty = (jnp.zeros((batch, length, audio.shape[1]), jnp.float32),
-             jnp.zeros((batch, length, module.dims.n_text_state), module.dtype))
-    matrices, hidden = jax.lax.fori_loop(0, windows, window, empty)
+    empty = (jnp.zeros(kept, jnp.float32), jnp.zeros((batch, length, module.dims.n_text_state), module.dtype))
+    kept, hidden = jax.lax.fori_loop(0, windows, window, empty)
+    matrices = _from_start(attention_matrix(kept, lengths, frames, width) if at_once else kept, starts)
     following = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1).reshape(-1)  # [batch * T]
     flat = hidden.reshape(batch * length, -1)  # [batch * T, state]
     probs = _token_probs(module, params, flat, picks, following[picks], count, eot)
-    return probs, dtw_trace(-matrices)
+    return probs, -matrices
 
 
 # --- host side: from token rows to words ---------------------------------------------------------
@@ -364,13 +380,27 @@ def _text_tokens(segment: Segment, eot: int) -> list[int]:
     return [int(t) for t in segment.tokens if t < eot]
 
 
-def align_tokens(model, audio: jax.Array, rows: Sequence[int], sot_sequences: Sequence[Sequence[int]],
+@functools.partial(jax.jit, static_argnames=("module",))
+def cross_kv(module: Whisper, params, audio: jax.Array) -> tuple:
+    """``Whisper.cross_kv`` of encoder output ``audio`` (for callers that kept no decode's)."""
+    return module.apply({"params": params}, audio, method=Whisper.cross_kv)
+
+
+@jax.jit
+def _take_rows(cross: tuple, rows: jax.Array) -> tuple:
+    return jax.tree.map(lambda x: x[rows], cross)
+
+
+def align_tokens(model, audio, rows: Sequence[int], sot_sequences: Sequence[Sequence[int]],
                  texts: Sequence[Sequence[int]], num_frames: Sequence[int], width: int = 7):
-    """Runs :func:`alignment_pass` for windows of the encoder output ``audio``.
+    """Runs :func:`alignment_pass` for windows of a decoded batch.
 
     Args:
       model: a loaded model (``module``, ``params``, ``tokenizer``, ``dims``, ``alignment_heads``).
-      audio: encoder output ``[batch, n_audio_ctx, state]`` (a device array), not copied.
+      audio: the batch's cross-attention keys/values as its decode made them
+        (:meth:`~whisperjax_cli.window_decoder.WindowDecoder.decode_keeping_cross`), or its
+        encoder output ``[batch, n_audio_ctx, state]`` (they are then computed from it); device
+        arrays, not copied.
       rows: each window's row in ``audio``, all different.
       sot_sequences, texts: each window's start-of-transcript sequence and text tokens (no
         timestamps), at least one text token each.
@@ -381,7 +411,9 @@ def align_tokens(model, audio: jax.Array, rows: Sequence[int], sot_sequences: Se
       the ``len(text) + 1`` rows, and the probability of each text token.
     """
     tok = model.tokenizer
-    batch = audio.shape[0]
+    if isinstance(audio, (jax.Array, np.ndarray)):
+        audio = cross_kv(model.module, model.params, audio)
+    batch = jax.tree.leaves(audio)[0].shape[0]
     seqs = [[*sot, tok.no_timestamps, *text, tok.eot] for sot, text in zip(sot_sequences, texts)]
     longest = max(len(s) for s in seqs)
     if longest > model.dims.n_text_ctx:
@@ -400,12 +432,14 @@ def align_tokens(model, audio: jax.Array, rows: Sequence[int], sot_sequences: Se
         lengths[b], starts[b], frames[b] = len(seqs[k]), len(sot_sequences[k]), max(1, num_frames[k] // 2)
         picks += range(b * length + starts[b], b * length + starts[b] + len(texts[k]))
     if any(rows[k] != b for b, k in enumerate(order)):
-        audio = audio[np.asarray([rows[k] for k in order] + [0] * (batch - len(rows)), np.int32)]
+        audio = _take_rows(audio, np.asarray([rows[k] for k in order] + [0] * (batch - len(rows)), np.int32))
     flat = np.zeros(-(-batch * length // LOGIT_ROWS) * LOGIT_ROWS, np.int32)
     flat[: len(picks)] = picks
-    probs, trace = jax.device_get(alignment_pass(
-        model.module, model.params, audio, np.int32(len(rows)), tokens, lengths, starts, frames, flat,
-        np.int32(len(picks)), alignment_heads(model), tok.eot, width))
+    probs, cost = alignment_pass(model.module, model.params, audio, np.int32(len(rows)), tokens, lengths, starts,
+                                 frames, flat, np.int32(len(picks)), alignment_heads(model), tok.eot, width)
+    # The DTW runs as a program of its own: XLA fused it with the pass's normalisation and median
+    # filter, which made it ~200 ms instead of ~5 for 8 windows of 96 tokens (tiny.en, 2 cores).
+    probs, trace = jax.device_get((probs, dtw_trace(cost)))
     out = [None] * len(rows)
     done = 0
     for b, k in enumerate(order):
@@ -658,13 +692,14 @@ def refine_words(words: list[Word], found: np.ndarray, radius: float, window_sta
         a.end = min(a.end, b.start)
 
 
-def add_word_timestamps(model, audio_features: jax.Array, windows: Sequence[WindowWords],
+def add_word_timestamps(model, audio_features, windows: Sequence[WindowWords],
                         options: WordOptions = WordOptions()) -> None:
     """Sets ``words`` on every segment of ``windows``, from one alignment pass over them all.
 
     Args:
       model: the loaded model that decoded the windows.
-      audio_features: the batch's encoder output ``[batch, n_audio_ctx, state]``; each window's
+      audio_features: the batch's cross-attention keys/values as its decode made them, or its
+        encoder output ``[batch, n_audio_ctx, state]`` (see :func:`align_tokens`); each window's
         ``row`` indexes it. Not encoded again, and nothing is decoded again.
       windows: the decoded windows (see :class:`WindowWords`).
       options: see :class:`WordOptions`.

@@ -199,18 +199,29 @@ class WindowDecoder:
         ``holds``: per row, the timestamp index before which end-of-text is held back
         (:func:`~whisperjax_cli.timestamps.hold_end_of_text`), or None (OpenAI's decoding).
         """
+        return self.decode_keeping_cross(audio, n, prompts, tail, key, holds, timings, keep=False)[0]
+
+    def decode_keeping_cross(self, audio: Array, n: int, prompts: list[list[int]], tail: int, key,
+                             holds: Optional[list[int]] = None, timings: Optional[Timings] = None,
+                             keep: bool = True) -> tuple[list[DecodingResult], Optional[tuple]]:
+        """:meth:`decode`, and the audio's cross-attention keys/values (``Whisper.cross_kv``,
+        row ``r`` for window ``r``) as the first decode made them, for word timing to reuse
+        (computing them again was a fifth of its pass). None with ``keep`` False."""
         opts = self.options
         key = key if isinstance(key, LazyKey) else LazyKey(key)
         results: list[Optional[DecodingResult]] = [None] * n
         tried: list[list[DecodingResult]] = [[] for _ in range(n)]
         todo = list(range(n))
+        cross = None
         for temperature in opts.temperatures:
             if not todo:
                 break
             key, sub = key.split()
-            with maybe(timings, "decode" if len(todo) == n and not any(tried) else "fallback decode"):
-                rows = self._decode_rows(audio, todo, [prompts[r] for r in todo], tail, temperature, sub,
-                                         None if holds is None else [holds[r] for r in todo])
+            first = len(todo) == n and not any(tried)
+            with maybe(timings, "decode" if first else "fallback decode"):
+                rows, out = self._decode_rows(audio, todo, [prompts[r] for r in todo], tail, temperature, sub,
+                                              None if holds is None else [holds[r] for r in todo], keep and first)
+            cross = out if first else cross
             retry = []
             for r, res in zip(todo, rows):
                 results[r] = res
@@ -220,7 +231,7 @@ class WindowDecoder:
             todo = retry
         for r in todo:  # every temperature failed
             results[r] = self._fallback_choice(tried[r])
-        return results  # type: ignore[return-value]
+        return results, cross  # type: ignore[return-value]
 
     def _fallback_choice(self, tried: list[DecodingResult]) -> DecodingResult:
         """The result kept when every temperature failed: faster-whisper's choice, the most
@@ -245,7 +256,9 @@ class WindowDecoder:
         )
         return (too_repetitive or too_unlikely) and not silence
 
-    def _decode_rows(self, audio, rows, prompts, tail, temperature, key, holds=None) -> list[DecodingResult]:
+    def _decode_rows(self, audio, rows, prompts, tail, temperature, key, holds=None,
+                     keep_cross: bool = False) -> tuple[list[DecodingResult], Optional[tuple]]:
+        """One decode of ``rows``; with ``keep_cross``, also the cross keys/values it made."""
         opts = self.options
         # best-of samples of one window are consecutive rows sharing its audio (a group).
         repeat = opts.best_of if temperature > 0 and opts.best_of else 1
@@ -264,9 +277,9 @@ class WindowDecoder:
             # Finishing only top-ranked endings (CTranslate2's rule) keeps long-form beam search
             # from ending windows early; OpenAI's rule stays available in beam.py and tested.
             beam = BeamConfig(opts.beam_size, opts.patience, opts.length_penalty, finish_top_only=True)
-            config = dataclasses.replace(self.config, beam=beam)
+            config = dataclasses.replace(self.config, beam=beam, keep_cross=keep_cross)
         else:
-            config = dataclasses.replace(self.config, sample=temperature > 0, group=repeat)
+            config = dataclasses.replace(self.config, sample=temperature > 0, group=repeat, keep_cross=keep_cross)
         draw = key.value() if config.sample else _UNUSED_KEY  # greedy and beam search never draw
         inputs = DecodeInputs(audio, padded, pad, np.int32(prompt_len - tail), self.suppress_mask, self.begin_mask,
                               np.float32(temperature), draw, hold)
@@ -279,7 +292,7 @@ class WindowDecoder:
         looped = np.zeros(len(sums), bool) if looped is None else looped  # beam search: never stopped
         results = [self._result(tokens[j], sums[j], no_speech[j], temperature, bool(looped[j]))
                    for j in range(len(rows) * repeat)]
-        return [self._best(results[k * repeat : (k + 1) * repeat]) for k in range(len(rows))]
+        return [self._best(results[k * repeat : (k + 1) * repeat]) for k in range(len(rows))], out.cross
 
     def _result(self, tokens: np.ndarray, sum_logprob: float, no_speech: float, temperature: float,
                 looped: bool = False):
