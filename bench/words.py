@@ -16,6 +16,7 @@ script's sentences read one after another): ``transcribe`` with and without them
 modes, and the alignment pass alone on the same windows, one window per call.
 
     python bench/words.py --models tiny.en base
+    python bench/words.py --models tiny.en --no-accuracy --long-audio talk.flac   # timing on any file
 """
 
 from __future__ import annotations
@@ -242,6 +243,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timing: best of this many runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--long-audio", type=Path, help="time on this file instead of the script read whole")
+    parser.add_argument("--no-accuracy", action="store_true", help="only the timing part")
     args = parser.parse_args()
 
     rng = np.random.default_rng(args.seed)
@@ -255,9 +258,16 @@ def main() -> int:
     print(f"{len(clips)} clips, {sum(len(t) for _, t in clips)} words, {seconds:.0f} s; errors in ms over the "
           "words each side recognised (matched to the script)")
     print(f"{'model':8} {'words by':15} {'start err':>9} {'end err':>9} {'matched':>11}")
-    for name in args.models:
+    for name in [] if args.no_accuracy else args.models:
         accuracy(name, clips, args.threads)
-    if args.long_seconds > 0:
+    if args.long_audio is not None:
+        from whisperjax_cli.audio import load_audio
+
+        audio = load_audio(str(args.long_audio))
+        print(f"timing on {args.long_audio} ({len(audio) / SAMPLE_RATE:.0f} s)")
+        for name in args.models:
+            speed(name, audio, args.repeats)
+    elif args.long_seconds > 0:
         audio = long_clip(args.long_seconds, rng)
         for name in args.models:
             speed(name, audio, args.repeats)

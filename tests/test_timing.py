@@ -354,9 +354,9 @@ def test_alignment_pass_shapes_for_a_128_mel_bfloat16_model():
     cross = jax.eval_shape(lambda p, a: module.apply({"params": p}, a, method=Whisper.cross_kv), params, audio)
     probs, cost = timing.alignment_pass.eval_shape(
         module, params, cross, spec(()),
-        spec((batch, length)), spec((batch,)), spec((batch,)), spec((batch,)), spec((timing.LOGIT_ROWS,)), spec(()),
+        spec((batch, length)), spec((batch,)), spec((batch,)), spec((batch,)), spec((timing.logit_rows(batch),)), spec(()),
         heads=heads, eot=50257, width=7)
-    assert probs.shape == (timing.LOGIT_ROWS,) and probs.dtype == jnp.float32
+    assert probs.shape == (timing.logit_rows(batch),) and probs.dtype == jnp.float32
     assert cost.shape == (batch, length, dims.n_audio_ctx) and cost.dtype == jnp.float32
     trace = timing.dtw_trace.eval_shape(cost)
     assert trace.shape == (length + dims.n_audio_ctx, batch, length + 1) and trace.dtype == jnp.int8

@@ -260,6 +260,12 @@ def backtrace(trace: np.ndarray, row: int, n: int, m: int) -> np.ndarray:
 LOGIT_ROWS = 64  # text positions projected onto the vocabulary at once (a window's last chunk is padding)
 
 
+def logit_rows(batch: int) -> int:
+    """Rows per vocabulary projection in a pass over ``batch`` windows: a lone window's ~100
+    text tokens waste less in chunks of 64; a batch's hundreds run ~13 % faster in 128s."""
+    return LOGIT_ROWS if batch == 1 else 2 * LOGIT_ROWS
+
+
 SCORES_BUDGET = 256 << 20  # bytes of the heads' scores of a whole batch, kept to be normalised at once
 
 
@@ -279,18 +285,18 @@ def _from_start(matrices: jax.Array, starts: jax.Array) -> jax.Array:
 
 
 def _token_probs(module: Whisper, params, hidden: jax.Array, picks: jax.Array, targets: jax.Array,
-                 count: jax.Array, eot: int) -> jax.Array:
+                 count: jax.Array, eot: int, rows: int) -> jax.Array:
     """Probabilities (softmax over the text vocabulary) of ``targets`` after the hidden states
-    ``hidden[picks]``, ``hidden`` ``[rows, state]``; only the first ``count`` picks are computed,
-    ``LOGIT_ROWS`` at a time (the output projection is the costliest product of the pass)."""
+    ``hidden[picks]``, ``hidden`` ``[positions, state]``; only the first ``count`` picks are computed,
+    ``rows`` at a time (the output projection is the costliest product of the pass)."""
 
     def chunk(c, out):
-        idx = jax.lax.dynamic_slice_in_dim(picks, c * LOGIT_ROWS, LOGIT_ROWS)
-        tgt = jax.lax.dynamic_slice_in_dim(targets, c * LOGIT_ROWS, LOGIT_ROWS)
+        idx = jax.lax.dynamic_slice_in_dim(picks, c * rows, rows)
+        tgt = jax.lax.dynamic_slice_in_dim(targets, c * rows, rows)
         probs = module.apply({"params": params}, hidden[idx], tgt, eot, method=Whisper.target_probs)
-        return jax.lax.dynamic_update_slice_in_dim(out, probs, c * LOGIT_ROWS, 0)
+        return jax.lax.dynamic_update_slice_in_dim(out, probs, c * rows, 0)
 
-    chunks = (count + LOGIT_ROWS - 1) // LOGIT_ROWS
+    chunks = (count + rows - 1) // rows
     return jax.lax.fori_loop(0, chunks, chunk, jnp.zeros(picks.shape, jnp.float32))
 
 
@@ -313,7 +319,7 @@ def alignment_pass(module: Whisper, params, cross: tuple, windows: jax.Array, to
       lengths: int32 ``[batch]``, real tokens per row.
       starts: int32 ``[batch]``, index of ``<|notimestamps|>`` (the sot sequence's length).
       frames: int32 ``[batch]``, content positions (``num_frames // 2``, at least 1).
-      picks: int32 ``[P]`` (``P`` a multiple of ``LOGIT_ROWS``), flat positions ``b * T + t`` of
+      picks: int32 ``[P]`` (``P`` a multiple of ``logit_rows(batch)``), flat positions ``b * T + t`` of
         the tokens after which a text token comes; ``count`` of them are in use.
       heads: static ``((layer, head), ...)``, the alignment heads.
       eot: static end-of-text id; text ids are below it.
@@ -345,7 +351,7 @@ def alignment_pass(module: Whisper, params, cross: tuple, windows: jax.Array, to
     matrices = _from_start(attention_matrix(kept, lengths, frames, width) if at_once else kept, starts)
     following = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1).reshape(-1)  # [batch * T]
     flat = hidden.reshape(batch * length, -1)  # [batch * T, state]
-    probs = _token_probs(module, params, flat, picks, following[picks], count, eot)
+    probs = _token_probs(module, params, flat, picks, following[picks], count, eot, logit_rows(batch))
     return probs, -matrices
 
 
@@ -433,7 +439,8 @@ def align_tokens(model, audio, rows: Sequence[int], sot_sequences: Sequence[Sequ
         picks += range(b * length + starts[b], b * length + starts[b] + len(texts[k]))
     if any(rows[k] != b for b, k in enumerate(order)):
         audio = _take_rows(audio, np.asarray([rows[k] for k in order] + [0] * (batch - len(rows)), np.int32))
-    flat = np.zeros(-(-batch * length // LOGIT_ROWS) * LOGIT_ROWS, np.int32)
+    chunk = logit_rows(batch)
+    flat = np.zeros(-(-batch * length // chunk) * chunk, np.int32)
     flat[: len(picks)] = picks
     probs, cost = alignment_pass(model.module, model.params, audio, np.int32(len(rows)), tokens, lengths, starts,
                                  frames, flat, np.int32(len(picks)), alignment_heads(model), tok.eot, width)
