@@ -213,11 +213,19 @@ def speed(name: str, audio: np.ndarray, repeats: int) -> None:
     from whisperjax_cli.loading import load_model
     from whisperjax_cli.longform import transcribe
 
+    from faster_whisper import WhisperModel as FasterWhisper
+
     model = load_model(name, dtype="float32")
+    fw = FasterWhisper(str(model.path), device="cpu", compute_type="float32", cpu_threads=os.cpu_count())
     windows = decode_windows(model, audio)
     runs = {(mode, words): (lambda m=mode, w=words: transcribe(model, audio, language="en", mode=m, word_timestamps=w))
             for mode in ("sequential", "batched") for words in (False, True)}
     runs["alignment"] = lambda: align_one_by_one(model, windows)
+    # The anchor's own cost of word timestamps, same options (greedy, OpenAI's fallback): what
+    # OpenAI's word-based seek does to the trajectory shows there too.
+    for words in (False, True):
+        runs[("faster-whisper", words)] = lambda w=words: list(
+            fw.transcribe(audio, language="en", beam_size=1, word_timestamps=w)[0])
     best = dict.fromkeys(runs, math.inf)
     for k in range(repeats + 1):
         for label, fn in runs.items():
@@ -226,16 +234,17 @@ def speed(name: str, audio: np.ndarray, repeats: int) -> None:
             if k:  # the first run compiles
                 best[label] = min(best[label], time.perf_counter() - t0)
     seconds = len(audio) / SAMPLE_RATE
-    for mode in ("sequential", "batched"):
+    for mode in ("sequential", "batched", "faster-whisper"):
         plain, words = best[(mode, False)], best[(mode, True)]
-        print(f"{name:8} {mode:10} {seconds:.0f} s: transcribe {plain:6.1f} s, with word timestamps {words:6.1f} s "
-              f"(+{100 * (words - plain) / plain:.1f} %)")
+        print(f"{name:8} {mode:14} {seconds:.0f} s: transcribe {plain:6.1f} s, with word timestamps {words:6.1f} s "
+              f"({100 * (words - plain) / plain:+.1f} %)")
     sequential = best[("sequential", False)]
     print(f"{name:8} alignment alone, {len(windows)} windows one per call: {best['alignment']:.2f} s "
           f"= {100 * best['alignment'] / sequential:.1f} % of sequential transcription")
 
 
 def main() -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # CTranslate2's threads must not spin between calls
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny.en", "base"])
     parser.add_argument("--rounds", type=int, default=2, help="passes over the script (8 clips each)")

@@ -143,6 +143,35 @@ def test_many_files_in_one_batch_equal_one_by_one(tiny_en, clip_audio, sequentia
     assert done[0].text == transcribe(tiny_en, clip_audio["goforward.flac"]).text
 
 
+def test_a_cancelled_file_ends_with_cancelled_and_the_others_finish(tiny_en, clip_audio, sequential, long_audio):
+    """Transcriber.cancel, from another thread as a server calls it: the long file stops after its
+    first window with one Cancelled event, the short one is transcribed as on its own."""
+    import threading
+
+    from whisperjax_cli.longform import Cancelled, Transcriber
+    from whisperjax_cli.options import TranscribeOptions
+
+    transcriber = Transcriber(tiny_en, TranscribeOptions(batch_size=2))
+    assert transcriber.cancel(0) is False  # nothing open yet
+    events = []
+    for event in transcriber.run([long_audio, clip_audio["goforward.flac"]]):
+        events.append(event)
+        if event.index == 0 and event.segments and event.error is None:
+            assert transcriber.open_files == 2
+            worker = threading.Thread(target=lambda: events.append(transcriber.cancel(0)))
+            worker.start()
+            worker.join()
+    assert events.count(True) == 1  # the cancel found the file open
+    errors = [e for e in events if not isinstance(e, bool) and e.error is not None]
+    assert [(e.index, type(e.error)) for e in errors] == [(0, Cancelled)]
+    assert not any(not isinstance(e, bool) and e.index == 0 and e.transcript is not None for e in events)
+    done = [e.transcript for e in events if not isinstance(e, bool) and e.transcript is not None]
+    assert [t.text for t in done] == [transcribe(tiny_en, clip_audio["goforward.flac"]).text]
+    decoded = [g for e in events if not isinstance(e, bool) and e.index == 0 for g in e.segments]
+    assert 0 < len(decoded) < len(sequential.segments)  # stopped part way
+    assert transcriber.open_files == 0 and transcriber.cancel(1) is False
+
+
 def test_clip_timestamps_restrict_the_window(tiny_en, long_audio):
     result = transcribe(tiny_en, long_audio, clip_timestamps="20,30")
     assert result.segments and all(20 <= s.start and s.end <= 30 for s in result.segments)

@@ -13,6 +13,8 @@ _LAZY = {
     "load_model": "whisperjax_cli.loading",
     "transcribe": "whisperjax_cli.longform",
     "transcribe_files": "whisperjax_cli.longform",
+    "Transcriber": "whisperjax_cli.longform",
+    "Cancelled": "whisperjax_cli.longform",
     "TranscribeOptions": "whisperjax_cli.options",
     "load_audio": "whisperjax_cli.audio",
     "log_mel_spectrogram": "whisperjax_cli.features",

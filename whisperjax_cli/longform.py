@@ -56,6 +56,11 @@ SPLIT_MIN = 500  # frames: what is left of a looping window is decoded again, as
 CONTINUE_MIN = 100  # frames: a packed window is decoded on from its last closed segment if 1 s of sound is left
 
 
+class Cancelled(Exception):
+    """The error of a file's :class:`~whisperjax_cli.streams.FileEvent` when
+    :meth:`Transcriber.cancel` stopped it."""
+
+
 class Transcriber:
     """Runs the streams of many files through one :class:`WindowDecoder`."""
 
@@ -86,6 +91,27 @@ class Transcriber:
         self.timings = timings
         self._vad_params = None  # Silero VAD's weights, loaded when first needed
         self._hold = self.mode == "batched"  # see _hold_index
+        self._open: set = set()  # keys of the files a run has open (read by cancel, any thread)
+        self._cancelled: set = set()  # keys cancel() was given, handled at the run's next turn
+
+    def cancel(self, key) -> bool:
+        """Stops transcribing the open file ``key`` (the key ``take`` gave it in :meth:`run_feed`,
+        or its position in :meth:`run`); safe to call from any thread.
+
+        The file's rows leave the batch at the run's next turn (a decode step under way is not
+        interrupted) and it ends with one event whose ``error`` is :class:`Cancelled`; other
+        files go on. Returns False, doing nothing, when no file of that key is open (not handed
+        over yet, or finished).
+        """
+        if key not in self._open:
+            return False
+        self._cancelled.add(key)
+        return True
+
+    @property
+    def open_files(self) -> int:
+        """Files a run has open now (being decoded, or waiting for a free row)."""
+        return len(self._open)
 
     # ------------------------------------------------------------ files and streams
 
@@ -432,8 +458,21 @@ class Transcriber:
         (continuous batching). ``key`` is the event's ``index``.
         """
         files: dict[Any, FileState] = {}
+        try:
+            yield from self._feed(files, take, sample_rate)
+        finally:  # ended, or abandoned by its consumer: no file of this run stays cancellable
+            self._open.difference_update(files)
+
+    def _feed(self, files: dict, take: Callable, sample_rate: Optional[int]) -> Iterator[FileEvent]:
+        """:meth:`run_feed`'s loop; ``files`` (key -> open file) is the caller's, to clean up."""
         ended = False
         while True:
+            for key in list(self._cancelled):
+                self._cancelled.discard(key)  # one that finished meanwhile is forgotten
+                if key in files:
+                    f = files.pop(key)
+                    self._open.discard(key)
+                    yield FileEvent(key, f.source, [], error=Cancelled(f"file {key!r} cancelled"), language=f.language)
             while not ended and sum(not s.done for f in files.values() for s in f.streams) < self.batch_size:
                 idle = not any(not s.done for f in files.values() for s in f.streams)
                 nxt = take(idle)
@@ -443,6 +482,7 @@ class Transcriber:
                 key, source = nxt
                 try:
                     files[key] = self.open_file(key, source, sample_rate)
+                    self._open.add(key)
                 except Exception as err:  # noqa: BLE001 - per-file isolation; the CLI reports it
                     yield FileEvent(key, source, [], error=err)
             active = [s for f in files.values() for s in f.streams if not s.done][: self.batch_size]
@@ -451,9 +491,10 @@ class Transcriber:
             for key in list(files):
                 event = self._flush(files[key])
                 if event is not None:
-                    yield event
                     if event.transcript is not None:
                         del files[key]
+                        self._open.discard(key)
+                    yield event
             if not active and ended and not files:
                 return
 

@@ -10,8 +10,8 @@ waits for another's files to end. A feed whose requests are all done ends, and i
 when a request with its options comes.
 
 A request's work is dropped when it is cancelled (the client went away) or its deadline passes:
-before its audio is opened it leaves the queue; once open, its streams are marked done, so the
-feed's next step no longer decodes its windows.
+before its audio is opened it leaves the queue; once open, :meth:`Transcriber.cancel` takes its rows
+out of the feed's next step.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 from whisperjax_cli.audio import load_audio
 from whisperjax_cli.longform import Transcriber
 from whisperjax_cli.options import TranscribeOptions
-from whisperjax_cli.streams import FileEvent, FileState
+from whisperjax_cli.streams import FileEvent
 
 LOG = logging.getLogger("wjx.serve")
 
@@ -54,30 +54,11 @@ class Job:
     cancelled: bool = False  # set from any thread; the scheduler drops the work at its next turn
 
 
-class _Transcriber(Transcriber):
-    """A Transcriber that keeps its open files by key, so that a request's work can be dropped."""
-
-    def __init__(self, model, options: TranscribeOptions):
-        super().__init__(model, options)
-        self.open: dict[int, FileState] = {}
-
-    def open_file(self, index, source, sample_rate=None) -> FileState:
-        state = super().open_file(index, source, sample_rate)
-        self.open[index] = state
-        return state
-
-    def drop(self, index: int) -> None:
-        """Marks the file's streams done: the next step skips them and the feed ends the file."""
-        state = self.open.get(index)
-        for stream in state.streams if state is not None else ():
-            stream.done = True
-
-
 class _Feed:
     """One Transcriber and its ``run_feed`` generator, for the jobs sharing one options object."""
 
     def __init__(self, model, options: TranscribeOptions, route: Callable[[], None]):
-        self.transcriber = _Transcriber(model, options)
+        self.transcriber = Transcriber(model, options)
         self.inbox: collections.deque[Job] = collections.deque()  # routed here, not opened yet
         self.jobs: dict[int, Job] = {}  # every job of this feed not finished: queued or open
         self._route = route
@@ -200,7 +181,7 @@ class Scheduler:
         for feed in self._feeds.values():
             for job in [j for j in feed.jobs.values() if j.cancelled or now > j.deadline]:
                 self._finish(feed, job, "error", Dropped("deadline passed" if not job.cancelled else "cancelled"))
-                feed.transcriber.drop(job.id)
+                feed.transcriber.cancel(job.id)  # its rows leave the batch; its last event is ignored
 
     def _advance(self, options: TranscribeOptions, feed: _Feed) -> None:
         """One event from ``feed`` (at most a few decode steps); ends the feed when it is idle."""
@@ -227,12 +208,10 @@ class Scheduler:
             self._fail_feed(feed, err)
             return
         self.steps += 1
-        self.peak_open = max(self.peak_open, len(feed.transcriber.open))
+        self.peak_open = max(self.peak_open, feed.transcriber.open_files)
         self._deliver(feed, event)
 
     def _deliver(self, feed: _Feed, event: FileEvent) -> None:
-        if event.error is not None or event.transcript is not None:
-            feed.transcriber.open.pop(event.index, None)
         job = feed.jobs.get(event.index)
         if job is None:  # dropped: its last event ends it
             return
