@@ -90,6 +90,21 @@ def test_timeline_maps_packed_times_back_to_the_file():
     assert line.frames_of(np.arange(1200)).tolist() == [*range(100, 300), *range(500, 600), *range(1000, 1100)]
 
 
+def test_a_segment_does_not_stretch_over_a_seam_for_a_short_edge_piece():
+    """Packed frames [0, 1000) and [1000, 2000) are the file's [0, 1000) and [5000, 6000): 40 s
+    left out between. A segment starting 0.3 s before the seam is the next span's speech; one
+    with 2 s on each side is read across it and keeps both; an end 0.3 s past it comes back."""
+    from whisperjax_cli.packing import Timeline
+
+    line = Timeline(((0, 1000), (5000, 6000)))
+    assert line.segment_to_source(9.7, 14.0) == (50.0, 54.0)  # was (9.7, 54.0): 40 s of nothing
+    assert line.to_source(9.7) == 9.7  # a lone time still maps where it is
+    assert line.segment_to_source(6.0, 10.3) == (6.0, 10.0)
+    assert line.segment_to_source(8.0, 12.0) == (8.0, 52.0)  # 2 s each side: one segment across
+    assert line.segment_to_source(9.8, 10.2) == (9.8, 50.2)  # 0.2 s each side: each a quarter or more
+    assert line.segment_to_source(1.0, 3.0) == (1.0, 3.0) and line.segment_to_source(12.0, 12.0) == (52.0, 52.0)
+
+
 def test_loop_start_finds_where_the_repeats_begin():
     from whisperjax_cli.decoding import LOOP_SPAN, loop_start
 

@@ -426,8 +426,8 @@ class Transcriber:
         end = min(float(end), limit)
         start = min(float(start), end)
         if mapped:
-            end = f.to_source(end, end=True)
-            start = min(f.to_source(start), end)
+            start, end = f.segment_to_source(start, end)
+            start = min(start, end)
             if f.timeline is not None:
                 seek = round(f.to_source(seek / FRAMES_PER_SECOND) * FRAMES_PER_SECOND)
         text_tokens = [int(t) for t in tokens if t < self.model.tokenizer.eot]

@@ -75,6 +75,10 @@ class FileState:
     def to_source(self, seconds: float, end: bool = False) -> float:
         return seconds if self.timeline is None else self.timeline.to_source(seconds, end)
 
+    def segment_to_source(self, start: float, end: float) -> tuple[float, float]:
+        """A segment's decoded ``[start, end]`` → the file's (see Timeline.segment_to_source)."""
+        return (start, end) if self.timeline is None else self.timeline.segment_to_source(start, end)
+
     def window_size(self, s: Stream) -> int:
         """Frames of the stream's next window: 30 s, or to its clip's end (a packed window's)."""
         return min(N_FRAMES, self.content_frames - s.seek, s.clip_end - s.seek)
