@@ -91,7 +91,7 @@ class Transcriber:
         self.timings = timings
         self._vad_params = None  # Silero VAD's weights, loaded when first needed
         self._hold = self.mode == "batched"  # see _hold_index
-        self._open: set = set()  # keys of the files a run has open (read by cancel, any thread)
+        self._runs: list[dict] = []  # each running feed's open files, key -> FileState (read by cancel)
         self._cancelled: set = set()  # keys cancel() was given, handled at the run's next turn
 
     def cancel(self, key) -> bool:
@@ -103,7 +103,7 @@ class Transcriber:
         files go on. Returns False, doing nothing, when no file of that key is open (not handed
         over yet, or finished).
         """
-        if key not in self._open:
+        if not any(key in files for files in list(self._runs)):
             return False
         self._cancelled.add(key)
         return True
@@ -111,7 +111,7 @@ class Transcriber:
     @property
     def open_files(self) -> int:
         """Files a run has open now (being decoded, or waiting for a free row)."""
-        return len(self._open)
+        return sum(len(files) for files in list(self._runs))
 
     # ------------------------------------------------------------ files and streams
 
@@ -458,10 +458,11 @@ class Transcriber:
         (continuous batching). ``key`` is the event's ``index``.
         """
         files: dict[Any, FileState] = {}
+        self._runs.append(files)
         try:
             yield from self._feed(files, take, sample_rate)
         finally:  # ended, or abandoned by its consumer: no file of this run stays cancellable
-            self._open.difference_update(files)
+            self._runs = [run for run in self._runs if run is not files]  # by identity: {} == {}
 
     def _feed(self, files: dict, take: Callable, sample_rate: Optional[int]) -> Iterator[FileEvent]:
         """:meth:`run_feed`'s loop; ``files`` (key -> open file) is the caller's, to clean up."""
@@ -471,7 +472,6 @@ class Transcriber:
                 self._cancelled.discard(key)  # one that finished meanwhile is forgotten
                 if key in files:
                     f = files.pop(key)
-                    self._open.discard(key)
                     yield FileEvent(key, f.source, [], error=Cancelled(f"file {key!r} cancelled"), language=f.language)
             while not ended and sum(not s.done for f in files.values() for s in f.streams) < self.batch_size:
                 idle = not any(not s.done for f in files.values() for s in f.streams)
@@ -482,7 +482,6 @@ class Transcriber:
                 key, source = nxt
                 try:
                     files[key] = self.open_file(key, source, sample_rate)
-                    self._open.add(key)
                 except Exception as err:  # noqa: BLE001 - per-file isolation; the CLI reports it
                     yield FileEvent(key, source, [], error=err)
             active = [s for f in files.values() for s in f.streams if not s.done][: self.batch_size]
@@ -492,8 +491,7 @@ class Transcriber:
                 event = self._flush(files[key])
                 if event is not None:
                     if event.transcript is not None:
-                        del files[key]
-                        self._open.discard(key)
+                        del files[key]  # before the event: its consumer may ask open_files
                     yield event
             if not active and ended and not files:
                 return

@@ -221,7 +221,8 @@ class WindowDecoder:
             with maybe(timings, "decode" if first else "fallback decode"):
                 rows, out = self._decode_rows(audio, todo, [prompts[r] for r in todo], tail, temperature, sub,
                                               None if holds is None else [holds[r] for r in todo], keep and first)
-            cross = out if first else cross
+            if first:
+                cross = out
             retry = []
             for r, res in zip(todo, rows):
                 results[r] = res
