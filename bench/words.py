@@ -125,7 +125,8 @@ def errors(all_words: list[list[tuple]], clips: list) -> tuple[float, float, int
 
 
 def decode_windows(model, audio: np.ndarray):
-    """wjx's transcript of ``audio`` (without words) as windows to time: ``[(window, encoder output)]``."""
+    """wjx's transcript of ``audio`` (without words) as windows to time: ``[(window, audio keys/values)]``,
+    the keys/values as a decode hands them to the alignment pass."""
     import jax
 
     from whisperjax_cli import timing
@@ -147,7 +148,8 @@ def decode_windows(model, audio: np.ndarray):
         size = min(3000, content - seek)
         window = timing.WindowWords(segments, seek / 100, size, 0, sot, "en",
                                     samples=audio[seek * 160 : (seek + size) * 160])
-        out.append((window, encode(model.params, model_window(mel, seek, size)[None])))
+        encoded = encode(model.params, model_window(mel, seek, size)[None])
+        out.append((window, timing.cross_kv(model.module, model.params, encoded)))
     return out
 
 
@@ -269,17 +271,16 @@ def main() -> int:
     print(f"{'model':8} {'words by':15} {'start err':>9} {'end err':>9} {'matched':>11}")
     for name in [] if args.no_accuracy else args.models:
         accuracy(name, clips, args.threads)
+    audio = None
     if args.long_audio is not None:
         from whisperjax_cli.audio import load_audio
 
         audio = load_audio(str(args.long_audio))
         print(f"timing on {args.long_audio} ({len(audio) / SAMPLE_RATE:.0f} s)")
-        for name in args.models:
-            speed(name, audio, args.repeats)
     elif args.long_seconds > 0:
         audio = long_clip(args.long_seconds, rng)
-        for name in args.models:
-            speed(name, audio, args.repeats)
+    for name in args.models if audio is not None else []:
+        speed(name, audio, args.repeats)
     return 0
 
 
