@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from whisperjax_cli.decoding import DecodeInputs, DecodeOutput, LoopConfig, filter_logits, loops, prefill
 from whisperjax_cli.model import Whisper, init_cache, take_rows, take_slots
+from whisperjax_cli.programs import stored_jit
 
 SLOT_BLOCK = 16  # beams reorder their self-attention buffers in blocks of this many slots
 
@@ -268,7 +269,7 @@ def beam_search(
     return tokens, sum_logprobs, state.looped & (slot >= finished)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "config"))
+@stored_jit(static_argnames=("module", "config"))
 def beam_search_window(module: Whisper, params, inputs: DecodeInputs, config: LoopConfig) -> DecodeOutput:
     """Beam-search decodes a batch of audio windows (``config.beam`` says how); the arguments
     and result of ``decoding.decode_window``.

@@ -9,7 +9,6 @@ scripted logits. Logit filters are pure ``(logits, ...) -> logits`` functions. T
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable, Optional
 
 import flax.struct
@@ -17,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from whisperjax_cli.decode_types import DecodeInputs, DecodeOutput
 from whisperjax_cli.model import KVCache, Whisper, init_cache, repeat_rows, take_rows
+from whisperjax_cli.programs import stored_jit
 from whisperjax_cli.timestamps import TimestampConfig, apply_timestamp_rules, hold_end_of_text
 
 Array = jax.Array
@@ -52,25 +53,6 @@ class BeamConfig:
 
 
 @flax.struct.dataclass
-class DecodeInputs:
-    """Everything a decode program takes that is not static: one pytree per call.
-
-    The rows are ``batch = audio * group``: ``group`` consecutive rows per audio (best-of
-    samples) share its encoder output and prompt.
-    """
-
-    audio: Array  # encoder output [audio, n_audio_ctx, state]
-    prompt: Array  # int32 [batch, prompt_len], left-padded, ends with the sot sequence
-    pad: Array  # int32 [batch]: left-padding slots per row
-    sot_index: Array  # int32 scalar: the slot of start-of-transcript (no-speech probability)
-    suppress_mask: Array  # bool [vocab]: never sampled
-    begin_mask: Array  # bool [vocab]: not sampled first (blank, end-of-text)
-    temperature: Array  # float32 scalar (read when sampling)
-    key: Array  # PRNG key (read when sampling)
-    hold: Optional[Array] = None  # int32 [batch]: see hold_end_of_text (batched mode), or None
-
-
-@flax.struct.dataclass
 class LoopState:
     tokens: Array  # int32 [batch, buffer]: prompt, then sampled tokens
     cur: Array  # int32 scalar: the next slot to write
@@ -80,15 +62,6 @@ class LoopState:
     done: Array  # bool [batch]: saw end-of-text, or stopped looping
     key: Array  # PRNG key (sampling only)
     looped: Array  # bool [batch]: stopped because it looped (LoopConfig.loop_span)
-
-
-@flax.struct.dataclass
-class DecodeOutput:
-    tokens: Array  # int32 [batch, sample_len]: sampled tokens, end-of-text then padding
-    sum_logprobs: Array  # float32 [batch]
-    no_speech_prob: Array  # float32 [batch]
-    looped: Optional[Array] = None  # bool [batch], when the loop stops looping rows
-    cross: Optional[tuple] = None  # Whisper.cross_kv of the audio rows, with LoopConfig.keep_cross
 
 
 def suppress(logits: Array, mask: Array) -> Array:
@@ -310,7 +283,7 @@ def prefill(module: Whisper, params, prompt: Array, cache: KVCache, pad: Array, 
     return logits[:, 1], cache, no_speech_prob
 
 
-@functools.partial(jax.jit, static_argnames=("module", "config"))
+@stored_jit(static_argnames=("module", "config"))
 def decode_window(module: Whisper, params, inputs: DecodeInputs, config: LoopConfig) -> DecodeOutput:
     """Decodes a batch of audio windows after their (left-padded) prompts.
 
@@ -351,7 +324,7 @@ def decode_window(module: Whisper, params, inputs: DecodeInputs, config: LoopCon
 ENCODE_CHUNK = 2  # windows per encoder pass; bigger batches run one chunk after another
 
 
-@functools.partial(jax.jit, static_argnames=("module",))
+@stored_jit(static_argnames=("module",))
 def encode(module: Whisper, params, mel: Array, rows: Optional[Array] = None) -> Array:
     """Encoder output ``[batch, n_audio_ctx, state]`` for mel ``[batch, frames, n_mels]``.
 

@@ -9,7 +9,6 @@ silence is skipped; several windows are averaged, weighted by how much of each i
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -22,13 +21,14 @@ from whisperjax_cli.decoding import encode
 from whisperjax_cli.errors import UsageError
 from whisperjax_cli.features import HOP_LENGTH, N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
 from whisperjax_cli.model import Whisper, init_cache
+from whisperjax_cli.programs import stored_jit
 
 Array = jax.Array
 SILENCE_DB = 35.0  # a 10 ms frame is silent when this far below the file's loudest 100 ms
 CONTEXT_SECONDS = 1.0  # kept before the first loud frame: short leading silences change nothing
 
 
-@functools.partial(jax.jit, static_argnames=("module",))
+@stored_jit(static_argnames=("module",))
 def language_logits(module: Whisper, params, audio: Array, sot: Array) -> Array:
     """Logits after ``<|startoftranscript|>`` alone, ``[batch, vocab]`` (language ID)."""
     cross = module.apply({"params": params}, audio, method=Whisper.cross_kv)

@@ -29,6 +29,8 @@ COMPILE_EVENTS = {
     "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
     # XLA's compile, or the program's retrieval from the persistent cache (a cache hit).
     "/jax/core/compile/backend_compile_duration": "compile",
+    # Waiting for a program that another thread is reading back (whisperjax_cli.programs).
+    "/wjx/programs/wait_duration": "compile",
 }
 
 
@@ -106,17 +108,21 @@ def maybe(timings: Optional[Timings], name: str):
 
 @contextlib.contextmanager
 def track_compiles(timings: Optional[Timings]) -> Iterator[None]:
-    """While open, JAX's tracing, lowering and compiling go to ``timings`` (``trace``, ``lower``,
-    ``compile``), out of the phase open on the compiling thread. A listener is registered with
-    ``jax.monitoring`` for the duration (JAX has no other way to report them) and removed after."""
+    """While open, JAX's tracing, lowering and compiling on this thread go to ``timings``
+    (``trace``, ``lower``, ``compile``), out of the phase open. A listener is registered with
+    ``jax.monitoring`` for the duration (JAX has no other way to report them) and removed after.
+    Other threads' compiles (programs read back ahead) are left out, so the phases still add up
+    to this thread's wall time; the time spent waiting for them is reported as ``compile``."""
     if timings is None:
         yield
         return
     from jax import monitoring
 
+    owner = threading.get_ident()
+
     def listener(event: str, seconds: float, **_) -> None:
         name = COMPILE_EVENTS.get(event)
-        if name is not None:
+        if name is not None and threading.get_ident() == owner:
             timings.carve(name, seconds)
 
     monitoring.register_event_duration_secs_listener(listener)

@@ -1,0 +1,118 @@
+"""Programs kept on disk as exported StableHLO (whisperjax_cli.programs): read back by a new
+process without tracing, made again whenever anything that decides them differs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from whisperjax_cli import programs
+from whisperjax_cli.decode_types import DecodeInputs, DecodeOutput
+
+
+@pytest.fixture
+def store(monkeypatch, tmp_path):
+    """A program folder of the test's own, and a fresh table of programs read back."""
+    monkeypatch.setattr(programs, "store_folder", lambda: tmp_path)
+    monkeypatch.setattr(programs, "_READ", programs._Programs())
+    return tmp_path
+
+
+def new_process(monkeypatch):
+    """What a new process starts with: no program in memory, nothing read ahead."""
+    monkeypatch.setattr(programs, "_READ", programs._Programs())
+
+
+def stored(fn, traces: list, static=()):
+    def counted(*args, **kwargs):
+        traces.append(1)  # runs when JAX traces the function, never when a program is read back
+        return fn(*args, **kwargs)
+
+    counted.__name__ = fn.__name__
+    return programs.StoredJit(counted, static)
+
+
+def affine(x, scale, shift: int):
+    return x * scale + shift
+
+
+def files(folder, prefix=programs.PREFIX):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(prefix))
+
+
+def test_a_program_is_read_back_without_tracing_and_made_again_when_its_key_differs(store, monkeypatch):
+    traces = []
+    x, scale = np.arange(3, dtype=np.float32), np.float32(2)
+    first = np.asarray(stored(affine, traces, ("shift",))(x, scale, shift=1))
+    assert traces == [1] and len(files(store)) == 1
+    np.testing.assert_array_equal(first, [1, 3, 5])
+
+    new_process(monkeypatch)
+    again = stored(affine, traces, ("shift",))
+    np.testing.assert_array_equal(again(x, scale, shift=1), first)
+    assert traces == [1], "a stored program was traced again"
+    # Another static value, shape or dtype is another program, traced and stored.
+    np.testing.assert_array_equal(again(x, scale, shift=2), [2, 4, 6])
+    np.testing.assert_array_equal(again(np.arange(4, dtype=np.float32), scale, shift=1), [1, 3, 5, 7])
+    np.testing.assert_array_equal(again(x.astype(np.int32), np.int32(2), shift=1), [1, 3, 5])
+    assert len(traces) == 4 and len(files(store)) == 4
+
+
+def test_a_damaged_program_is_made_again(store, monkeypatch):
+    traces = []
+    x = np.arange(3, dtype=np.float32)
+    stored(affine, traces, ("shift",))(x, np.float32(2), shift=1)
+    (path,) = [store / name for name in files(store)]
+    path.write_bytes(path.read_bytes()[:100])
+    new_process(monkeypatch)
+    np.testing.assert_array_equal(stored(affine, traces, ("shift",))(x, np.float32(2), shift=1), [1, 3, 5])
+    assert len(traces) == 2 and len(path.read_bytes()) > 100  # traced again and stored whole
+
+
+def test_inside_a_trace_or_without_a_folder_it_is_plain_jit(store, monkeypatch):
+    traces = []
+    program = stored(affine, traces, ("shift",))
+    outer = jax.jit(lambda x: program(x, jnp.float32(2), shift=1))
+    np.testing.assert_array_equal(outer(np.arange(3, dtype=np.float32)), [1, 3, 5])
+    monkeypatch.setattr(programs, "store_folder", lambda: None)
+    np.testing.assert_array_equal(program(np.arange(2, dtype=np.float32), np.float32(2), shift=0), [0, 2])
+    assert len(traces) == 2 and files(store) == []
+
+
+def decode_like(inputs: DecodeInputs) -> DecodeOutput:
+    return DecodeOutput(inputs.prompt + inputs.pad[:, None], inputs.temperature * inputs.audio.sum((1, 2)),
+                        jnp.zeros(inputs.pad.shape), None, (inputs.audio, inputs.audio * 2))
+
+
+def test_the_decode_pytrees_cross_a_stored_program_and_are_read_ahead(store, monkeypatch):
+    """DecodeInputs and DecodeOutput (a None field among them) survive the round trip through
+    the file, and prefetch reads back the programs the previous run began with."""
+    traces = []
+    rng = np.random.default_rng(0)
+    inputs = DecodeInputs(rng.standard_normal((2, 3, 4)).astype(np.float32), np.ones((2, 5), np.int32),
+                          np.array([0, 2], np.int32), np.int32(1), np.zeros(7, bool), np.zeros(7, bool),
+                          np.float32(0.5), np.zeros(2, np.uint32))
+    made = stored(decode_like, traces)(inputs)
+    (manifest,) = files(store, programs.FIRST)
+    assert (store / manifest).read_text().split() == files(store)
+
+    new_process(monkeypatch)
+    programs.prefetch()
+    assert list(programs._READ._pending) == files(store)
+    waits = []
+
+    def listener(event, seconds, **_):
+        if event == programs.WAIT_EVENT:
+            waits.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        read = stored(decode_like, traces)(inputs)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert traces == [1] and waits == [programs.WAIT_EVENT] and not programs._READ._pending
+    assert isinstance(read, DecodeOutput) and read.looped is None
+    for a, b in zip(jax.tree.leaves(made), jax.tree.leaves(read)):
+        np.testing.assert_array_equal(a, b)
