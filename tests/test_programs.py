@@ -116,3 +116,38 @@ def test_the_decode_pytrees_cross_a_stored_program_and_are_read_ahead(store, mon
     assert isinstance(read, DecodeOutput) and read.looped is None
     for a, b in zip(jax.tree.leaves(made), jax.tree.leaves(read)):
         np.testing.assert_array_equal(a, b)
+
+
+READ_BACK = """
+import sys
+import numpy as np
+import jax, jax.numpy as jnp
+from pathlib import Path
+from whisperjax_cli import programs
+programs.store_folder = lambda: Path(sys.argv[1])
+
+def affine(x):
+    return x * 2 + 1
+
+def eigenvalues(x):
+    return jnp.linalg.eigvalsh(x)
+
+affine, eigenvalues = programs.StoredJit(affine, ()), programs.StoredJit(eigenvalues, ())
+print(affine(np.arange(3, dtype=np.float32)).tolist(), "scipy.linalg" in sys.modules)
+print(np.round(eigenvalues(np.diag(np.array([3, 1, 2], np.float32))), 4).tolist())
+"""
+
+
+def test_lapack_is_set_up_only_for_a_program_that_calls_it(tmp_path):
+    """Reading back a program JAX set up LAPACK first (SciPy's BLAS, 0.15 s); now only for a
+    program that calls a LAPACK routine, which still runs (a fresh process each time)."""
+    import subprocess
+    import sys
+
+    runs = [subprocess.run([sys.executable, "-c", READ_BACK, str(tmp_path)], capture_output=True, text=True)
+            for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[-1].stderr
+    assert len(files(tmp_path)) == 2
+    made, read = (r.stdout.splitlines() for r in runs)
+    assert made[1] == read[1] == "[1.0, 2.0, 3.0]"
+    assert read[0] == "[1.0, 3.0, 5.0] False"  # the first process traced (and imported SciPy) alike

@@ -122,6 +122,33 @@ def _on_default_device(leaves) -> bool:
     return True
 
 
+_SKIP_LAPACK = threading.local()  # .on: the program being lowered on this thread calls no LAPACK routine
+
+
+def _lapack_on_demand() -> None:
+    """Makes JAX set up LAPACK for an exported CPU program only when the program calls it.
+
+    JAX does it before lowering any (``jax._src.export._export._ensure_backends_initialized``),
+    which imports SciPy's BLAS: 0.15 s of a warm start-up, for programs that name no LAPACK
+    routine. Only this thread's lowering of such a program (:data:`_SKIP_LAPACK`) skips it;
+    where JAX has no such function any more, nothing changes.
+    """
+    try:
+        from jax._src.export import _export
+    except ImportError:
+        return
+    original = getattr(_export, "_ensure_backends_initialized", None)
+    if original is None or getattr(original, "wjx_on_demand", False):
+        return
+
+    def ensure(platforms):
+        if not getattr(_SKIP_LAPACK, "on", False):
+            original(platforms)
+
+    ensure.wjx_on_demand = True
+    _export._ensure_backends_initialized = ensure
+
+
 def _compile(exported: jax.export.Exported) -> Callable:
     """The exported program compiled for this process (the persistent cache serves it when warm)."""
     specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in exported.in_avals]
@@ -131,7 +158,12 @@ def _compile(exported: jax.export.Exported) -> Callable:
         return exported.call(*args, **kwargs)
 
     call.__name__ = call.__qualname__ = exported.fun_name  # JAX's cache entries: jit_<name>-<key>
-    return jax.jit(call).lower(*args, **kwargs).compile()
+    _lapack_on_demand()
+    _SKIP_LAPACK.on = b"lapack" not in bytes(exported.mlir_module_serialized)
+    try:
+        return jax.jit(call).lower(*args, **kwargs).compile()
+    finally:
+        _SKIP_LAPACK.on = False
 
 
 def _read(path: Path) -> Optional[Callable]:
@@ -173,6 +205,8 @@ class _Programs:
             self._pending.update(futures)
 
         def work():
+            from whisperjax_cli import decode_types  # noqa: F401 - registers the pytrees programs name
+
             for name, future in futures.items():
                 future.set_result(_read(folder / name))
 
