@@ -604,8 +604,6 @@ def map_times(segments: list[Segment], to_source: Callable[[float, bool], float]
             word.start, word.end = to_source(word.start, False), to_source(word.end, True)
 
 
-
-
 def add_word_timestamps(model, audio_features, windows: Sequence[WindowWords],
                         options: WordOptions = WordOptions()) -> None:
     """Sets ``words`` on every segment of ``windows``, from one alignment pass over them all.
@@ -618,19 +616,34 @@ def add_word_timestamps(model, audio_features, windows: Sequence[WindowWords],
       windows: the decoded windows (see :class:`WindowWords`).
       options: see :class:`WordOptions`.
     """
-    tok = model.tokenizer
-    texts = [[t for s in w.segments for t in _text_tokens(s, tok.eot)] for w in windows]
-    for window, text in zip(windows, texts):
-        if not text:  # nothing to align: no words (OpenAI's empty alignment)
+    words_from_alignment(model, windows, align_windows(model, audio_features, windows, options), options)
+
+
+def align_windows(model, audio_features, windows: Sequence[WindowWords], options: WordOptions = WordOptions()
+                  ) -> list[Optional[tuple[np.ndarray, np.ndarray]]]:
+    """:func:`align_tokens` over the text of each window's segments, in one pass (arguments as
+    :func:`add_word_timestamps`'s). Returns per window ``(entry, probs)``, None for one without text."""
+    eot = model.tokenizer.eot
+    texts = [[t for s in w.segments for t in _text_tokens(s, eot)] for w in windows]
+    todo = [k for k, text in enumerate(texts) if text]
+    out: list = [None] * len(windows)
+    if todo:
+        aligned = align_tokens(model, audio_features, [windows[k].row for k in todo],
+                               [windows[k].sot_sequence for k in todo], [texts[k] for k in todo],
+                               [windows[k].num_frames for k in todo], options.median_filter_width)
+        for k, alignment in zip(todo, aligned):
+            out[k] = alignment
+    return out
+
+
+def words_from_alignment(model, windows: Sequence[WindowWords], aligned: Sequence[Optional[tuple]],
+                         options: WordOptions = WordOptions()) -> None:
+    """Sets ``words`` on every segment of ``windows`` from their :func:`align_windows`."""
+    for window, alignment in zip(windows, aligned):
+        if alignment is None:  # nothing to align: no words (OpenAI's empty alignment)
             for segment in window.segments:
                 segment.words = []
             if window.to_source is not None:
                 map_times(window.segments, window.to_source)
-    todo = [w for w, text in zip(windows, texts) if text]
-    texts = [text for text in texts if text]
-    if not todo:
-        return
-    aligned = align_tokens(model, audio_features, [w.row for w in todo], [w.sot_sequence for w in todo], texts,
-                           [w.num_frames for w in todo], options.median_filter_width)
-    for window, (entry, probs) in zip(todo, aligned):
-        _window_words(tok, window, entry, probs, options)
+        else:
+            _window_words(model.tokenizer, window, *alignment, options)
