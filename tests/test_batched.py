@@ -29,6 +29,20 @@ def test_batched_times_are_the_file_s_across_the_silence_it_dropped(tiny_en, cli
     assert any(s.start >= b_at - 0.5 for s in batched.segments)
 
 
+def test_batched_words_stay_on_their_side_of_the_silence_it_dropped(tiny_en, clip_audio):
+    """The same file with word timestamps: the window reads both clips, and every segment and
+    word lies in one clip (0.5 s either side), none through the 40 s left out between them."""
+    a, b = clip_audio["goforward.flac"], clip_audio["numbers.flac"]
+    gap = lambda s: np.zeros(int(s * 16000), np.float32)  # noqa: E731
+    audio = np.concatenate([gap(20), a, gap(40), b, gap(10)])
+    clips = [(20 - 0.5, 20 + len(a) / 16000 + 0.5), (60 + len(a) / 16000 - 0.5, 60 + (len(a) + len(b)) / 16000 + 0.5)]
+    batched = transcribe(tiny_en, audio, mode="batched", word_timestamps=True)
+    words = [w for seg in batched.segments for w in seg.words]
+    for item in batched.segments + words:
+        assert any(lo <= item.start <= item.end <= hi for lo, hi in clips), (item, clips)
+    assert all(any(lo <= w.start <= hi for w in words) for lo, hi in clips)
+
+
 def test_speech_spans_shorten_pauses_and_drop_quiet_ends():
     from whisperjax_cli.packing import speech_spans
 

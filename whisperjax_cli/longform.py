@@ -10,7 +10,10 @@ batch, refilling a row as soon as its stream ends.
 * ``mode="batched"`` (throughput, faster-whisper's batched pipeline in kind): the file's
   pauses are shortened (:func:`~whisperjax_cli.packing.speech_spans`), what is left is cut at gaps into windows of
   15-30 s (:class:`~whisperjax_cli.packing.WindowCuts`), and each window is decoded once, side by side with the others,
-  its times mapped back to the file (:class:`~whisperjax_cli.packing.Timeline`). By default without the previous text
+  its times mapped back to the file (:class:`~whisperjax_cli.packing.Timeline`); with the VAD (the default), the
+  speech it finds is laid end to end in windows of whole speech segments
+  (:func:`~whisperjax_cli.packing.vad_windows`), and a segment read across a long stretch left out
+  is cut there (:mod:`~whisperjax_cli.seams`). By default without the previous text
   and at temperature 0 alone, as faster-whisper's; with ``condition_on_previous_text`` a row
   decodes a run of consecutive windows. The model may not end a window's text before its last
   sound (:func:`~whisperjax_cli.timestamps.hold_end_of_text`): at a cut 15-30 s in, it otherwise
@@ -30,12 +33,13 @@ from whisperjax_cli.features import (FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_
                                      model_window)
 from whisperjax_cli.profile import Timings, maybe
 from whisperjax_cli.packing import (BREAK_MIN, Timeline, WindowCuts, frame_energy, group_windows, quiet_frames,
-                                   speech_spans)
+                                   speech_spans, vad_windows)
 from whisperjax_cli.results import Segment, Transcript
+from whisperjax_cli.seams import Piece, crosses_break, cut_window
 from whisperjax_cli.streams import FileEvent, FileState, Stream, parse_clip_timestamps
 from whisperjax_cli.language import detect_language_mel
 from whisperjax_cli.options import TranscribeOptions, options_from
-from whisperjax_cli.window_decoder import LazyKey, WindowDecoder, build_prompt
+from whisperjax_cli.window_decoder import LazyKey, WindowDecoder, batch_bucket, build_prompt, take_rows
 
 SECONDS_PER_TOKEN = 0.02  # timestamp resolution: 2 mel frames per encoder position
 
@@ -230,7 +234,8 @@ class Transcriber:
             with maybe(self.timings, "words"):
                 decided = self._words(files, streams, sizes, results, cross)
         else:
-            decided = [None] * len(streams)
+            with maybe(self.timings, "seams"):
+                decided = self._cut_breaks(files, streams, sizes, results, audio)
         with maybe(self.timings, "host"):
             for s, size, result, words in zip(streams, sizes, results, decided):
                 if words is not False:  # False: decoded again from where word_seek moved it
@@ -298,9 +303,8 @@ class Transcriber:
         OpenAI's uses of them (:func:`~whisperjax_cli.word_decisions.word_seek`). Returns per row the
         ``decided`` argument of :meth:`_advance`: None (a silent window), ``(segments, frames to
         seek)``, or False when the stream was moved to decode its window again."""
-        from whisperjax_cli.timing import WindowWords, add_word_timestamps
+        from whisperjax_cli.timing import WindowWords, align_windows, map_times, words_from_alignment
         from whisperjax_cli.word_decisions import last_word_end, word_seek
-        from whisperjax_cli.timing import map_times
 
         opts, ts_begin = self.options, self.model.tokenizer.timestamp_begin
         rows: list = [None] * len(streams)
@@ -315,7 +319,17 @@ class Transcriber:
             windows.append(WindowWords(new, s.seek / FRAMES_PER_SECOND, size, row, f.sot_sequence, f.language, samples,
                                        last_speech_timestamp=s.last_speech))
             rows[row] = (new, advance)
-        add_word_timestamps(self.model, cross, windows, opts.word_options)
+        aligned = align_windows(self.model, cross, windows, opts.word_options)
+        pieces = []  # of packed windows: each segment read across a break cut there, and kept to its side
+        for window, alignment in zip(windows, aligned):
+            stream = streams[window.row]
+            if alignment is not None and stream.packed:
+                cut = self._cut(files[stream.file], window.segments, window.time_offset, alignment)
+                window.segments[:] = [p.segment for p in cut]  # the list rows[row] holds too
+                pieces += cut
+        words_from_alignment(self.model, windows, aligned, opts.word_options)
+        for piece in pieces:
+            piece.keep_inside()
         for row, (s, size, result) in enumerate(zip(streams, sizes, results)):
             if rows[row] is None:
                 continue
@@ -341,6 +355,44 @@ class Transcriber:
                     g.seek = round(f.to_source(g.seek / FRAMES_PER_SECOND) * FRAMES_PER_SECOND)
             rows[row] = (new, advance)
         return rows
+
+    def _cut_breaks(self, files: dict, streams: list[Stream], sizes: list[int], results, audio) -> list:
+        """Per row, the ``decided`` argument of :meth:`_advance`: for a packed window with a
+        segment read across a break, its segments cut there (:mod:`~whisperjax_cli.seams`);
+        None for the others. One alignment pass over those windows, with their audio's
+        keys/values made from the rows of the encoder output ``audio`` they use."""
+        from whisperjax_cli.timing import WindowWords, align_windows
+
+        rows: list = [None] * len(streams)
+        todo, windows = [], []
+        for row, (s, size, result) in enumerate(zip(streams, sizes, results)):
+            f = files[s.file]
+            if not s.packed or self._silent(result):
+                continue
+            split = result.looped and (s.seek, s.clip_end) not in s.split
+            new, advance = self._segments(f, s, size, result, split, mapped=False)
+            if crosses_break(f.timeline, new):
+                todo.append((row, advance))
+                windows.append(WindowWords(new, s.seek / FRAMES_PER_SECOND, size, len(windows), f.sot_sequence,
+                                           f.language))
+        if not todo:
+            return rows
+        gather = [row for row, _ in todo]
+        gather += gather[:1] * (batch_bucket(len(gather)) - len(gather))  # few shapes, few programs
+        aligned = align_windows(self.model, take_rows(audio, np.asarray(gather, np.int32)), windows,
+                                self.options.word_options)
+        for (row, advance), window, alignment in zip(todo, windows, aligned):
+            if alignment is not None:  # None: no text to cut
+                f = files[streams[row].file]
+                cut = self._cut(f, window.segments, window.time_offset, alignment)
+                rows[row] = ([self._to_file(f, p.segment) for p in cut], advance)
+        return rows
+
+    def _cut(self, f: FileState, segments: list[Segment], offset: float, alignment) -> list[Piece]:
+        """:func:`~whisperjax_cli.seams.cut_window` of one window of ``f``."""
+        words = self.options.word_options
+        return cut_window(self.model.tokenizer, f.timeline, segments, offset, *alignment, f.language,
+                          words.prepend_punctuations, words.append_punctuations)
 
     def _split(self, f: FileState, s: Stream) -> None:
         """The rest of a window that looped, as two windows cut at a gap near its middle: tiny.en
@@ -425,18 +477,26 @@ class Transcriber:
         limit = (seek + size) / FRAMES_PER_SECOND
         end = min(float(end), limit)
         start = min(float(start), end)
-        if mapped:
-            start, end = f.segment_to_source(start, end)
-            start = min(start, end)
-            if f.timeline is not None:
-                seek = round(f.to_source(seek / FRAMES_PER_SECOND) * FRAMES_PER_SECOND)
         text_tokens = [int(t) for t in tokens if t < self.model.tokenizer.eot]
-        return Segment(
-            id=0, seek=seek, start=round(start, 3), end=round(end, 3),
+        segment = Segment(
+            id=0, seek=seek, start=start, end=end,
             text=self.model.tokenizer.decode(text_tokens), tokens=[int(t) for t in tokens],
             temperature=result.temperature, avg_logprob=result.avg_logprob,
             compression_ratio=result.compression_ratio, no_speech_prob=result.no_speech_prob,
         )
+        if mapped:
+            return self._to_file(f, segment)
+        segment.start, segment.end = round(start, 3), round(end, 3)
+        return segment
+
+    @staticmethod
+    def _to_file(f: FileState, segment: Segment) -> Segment:
+        """``segment`` with its decoded times and seek mapped to the file's (in place)."""
+        start, end = f.segment_to_source(segment.start, segment.end)
+        segment.start, segment.end = round(min(start, end), 3), round(end, 3)
+        if f.timeline is not None:
+            segment.seek = round(f.to_source(segment.seek / FRAMES_PER_SECOND) * FRAMES_PER_SECOND)
+        return segment
 
     # ------------------------------------------------------------ the scheduler
 
@@ -524,23 +584,6 @@ class Transcriber:
                 model=self.model.name,
             )
         return FileEvent(f.index, f.source, new, transcript, language=f.language)
-
-
-def vad_windows(timeline: Timeline) -> list[tuple[int, int]]:
-    """faster-whisper's batched windows: consecutive speech segments merged while they fit
-    30 s, in packed frames, except across 5 s or more of the file left out (``BREAK_MIN``): in
-    one window the model reads the speech on both sides as one segment, shown all through the
-    gap. A segment is never split (the VAD options cap them at 30 s)."""
-    windows: list[tuple[int, int]] = []
-    starts, spans = timeline.packed_starts, timeline.spans
-    for i in range(len(spans)):
-        start, end = int(starts[i]), int(starts[i + 1])
-        joined = i > 0 and spans[i][0] - spans[i - 1][1] < BREAK_MIN
-        if windows and joined and end - windows[-1][0] <= N_FRAMES:
-            windows[-1] = (windows[-1][0], end)
-        else:
-            windows.append((start, end))
-    return windows
 
 
 def transcribe_files(model, sources: Iterable, sample_rate: Optional[int] = None,
