@@ -1,12 +1,24 @@
-"""Segments batched mode reads across a break, cut there (seams.py)."""
+"""Batched windows across breaks (packing.vad_windows) and the segments cut at them (seams.py)."""
 
 import math
 
 import numpy as np
 
-from whisperjax_cli.packing import Timeline
+from whisperjax_cli.packing import Timeline, vad_windows
 from whisperjax_cli.results import Segment, Word
 from whisperjax_cli.seams import Piece, crosses_break, cut_window
+
+
+def test_vad_windows_merge_across_breaks_as_evenly_as_their_count_allows():
+    # spans of 20, 9, 8, 7 and 3 s with 40 s left out between each (every seam a break)
+    lengths = [2000, 900, 800, 700, 300]
+    starts = np.cumsum([0] + [n + 4000 for n in lengths])[:-1]
+    line = Timeline(tuple((int(s), int(s) + n) for s, n in zip(starts, lengths)))
+    # faster-whisper's rule fills 30 s: 29 s then 18 s; as many windows, the longest 27 s
+    assert vad_windows(line) == [(0, 2000), (2000, 4700)]
+    alone = Timeline(((0, 3500), (4000, 4200), (9000, 9200)))  # a span of 35 s is a window of its own
+    assert vad_windows(alone) == [(0, 3500), (3500, 3900)]
+    assert vad_windows(Timeline(())) == []
 
 
 def _segment(tok, start, end, text, offset):
