@@ -37,7 +37,7 @@ import jax
 
 PREFIX = "wjx-program-"
 FIRST = "wjx-programs-first-"  # + environment hash: the programs a run began with, one per line
-FIRST_COUNT = 4  # how many of a run's first programs are remembered for the next run
+FIRST_COUNT = 8  # how many of a run's first programs are remembered (a batched run uses 5-7)
 _FORMAT = "1"  # bump when the key or the files' layout changes
 WAIT_EVENT = "/wjx/programs/wait_duration"  # jax.monitoring: time spent waiting for a read-ahead
 _PLAIN = object()  # a key whose program could not be exported: plain jax.jit serves it

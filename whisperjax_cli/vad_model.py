@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from whisperjax_cli.programs import StoredJit
+
 Array = jax.Array
 SAMPLE_RATE = 16000
 CHUNK = 512  # samples per speech probability at 16 kHz
@@ -144,7 +146,7 @@ def _run_block(params: dict, stream: Array, h: Array, c: Array) -> tuple[Array, 
     return probs, h, c
 
 
-run_block = jax.jit(_run_block)  # one program per (batch, chunks) shape
+run_block = StoredJit(_run_block, ())  # one program per (batch, chunks) shape
 
 
 def zero_state(batch: int) -> tuple[np.ndarray, np.ndarray]:
