@@ -367,7 +367,7 @@ class Transcriber:
         todo, windows = [], []
         for row, (s, size, result) in enumerate(zip(streams, sizes, results)):
             f = files[s.file]
-            if not s.packed or self._silent(result):
+            if not s.packed or self._silent(result) or not self._holds_break(f, s.seek, size):
                 continue
             split = result.looped and (s.seek, s.clip_end) not in s.split
             new, advance = self._segments(f, s, size, result, split, mapped=False)
@@ -387,6 +387,13 @@ class Transcriber:
                 cut = self._cut(f, window.segments, window.time_offset, alignment)
                 rows[row] = ([self._to_file(f, p.segment) for p in cut], advance)
         return rows
+
+    @staticmethod
+    def _holds_break(f: FileState, seek: int, size: int) -> bool:
+        """Whether a break lies inside the packed window ``[seek, seek + size)``: only then can a
+        segment cross one (the others skip splitting their tokens twice)."""
+        breaks = f.timeline.breaks(BREAK_MIN)
+        return bool(np.any((breaks > seek) & (breaks < seek + size)))
 
     def _cut(self, f: FileState, segments: list[Segment], offset: float, alignment) -> list[Piece]:
         """:func:`~whisperjax_cli.seams.cut_window` of one window of ``f``."""

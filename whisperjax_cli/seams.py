@@ -24,9 +24,8 @@ import numpy as np
 from whisperjax_cli.features import FRAMES_PER_SECOND
 from whisperjax_cli.packing import BREAK_MIN, SEAM_SLACK, Timeline
 from whisperjax_cli.results import Segment
+from whisperjax_cli.tokenizer import TIME_PRECISION
 from whisperjax_cli.timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, merge_punctuations, word_timings
-
-SECONDS_PER_TOKEN = 0.02  # timestamp resolution
 
 
 @dataclasses.dataclass
@@ -124,7 +123,7 @@ def _piece(tokenizer, segment: Segment, text: list[int], offset: float, low: flo
     start, end = max(segment.start, low), min(segment.end, high)
 
     def stamp(t: float) -> list[int]:
-        return [tokenizer.timestamp_begin + round((t - offset) / SECONDS_PER_TOKEN)]
+        return [tokenizer.timestamp_begin + round((t - offset) / TIME_PRECISION)]
 
     timed = [t >= tokenizer.timestamp_begin for t in (segment.tokens[0], segment.tokens[-1])]
     tokens = (stamp(start) if timed[0] else []) + text + (stamp(end) if timed[1] else [])
