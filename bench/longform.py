@@ -6,8 +6,9 @@ float32 accumulation) on a CPU with bfloat16 dot instructions; ``wjx-batched-f32
 in float32 (not run on other CPUs, where wjx-batched is float32 already). Every other row is
 float32. ``--first-seed`` starts the seeds elsewhere, so that runs add passes rather than repeat them.
 Batched mode decodes as faster-whisper's batched pipeline does by default (each window once, at
-temperature 0 alone, without the previous text; pauses shortened), and the issue's bar compares
-it with faster-whisper's *sequential* greedy row, which it runs alongside.
+temperature 0 alone, without the previous text; speech only) but greedily, where that pipeline's
+default is beam 5: ``--whole-process`` runs it both ways. The issue's bar also compares it with
+faster-whisper's *sequential* greedy row, which it runs alongside.
 
 The audio is espeak-ng reading the Apache License 2.0 (Debian's /usr/share/common-licenses),
 paragraph by paragraph with 1.2 s pauses, and 60 s of faint noise in the middle: about ten
@@ -41,8 +42,9 @@ peak should grow by the extra audio alone.
     python bench/longform.py --model tiny.en --threads 2 --memory-hours 1 2
 
 With ``--whole-process`` it times what a user waits for instead: fresh processes, spawn to exit,
-``wjx transcribe FILE -o -`` (sequential greedy, beam 5, batched) against a faster-whisper script
-(``WhisperModel.transcribe``, and ``BatchedInferencePipeline`` at the same batch size), in turns,
+``wjx transcribe FILE -o -`` (sequential greedy, beam 5, batched greedy and beam 5) against a
+faster-whisper script (``WhisperModel.transcribe``, and ``BatchedInferencePipeline`` at the same
+batch size: ``fw-batched`` with its default beam 5, ``fw-batched-greedy`` at beam 1), in turns,
 start-up, compiles (from the filled compile cache) and all; ``--profile`` adds where each wjx
 row's time goes (``wjx transcribe --profile``), the CPU is printed with its AVX-512/AMX flags:
 
@@ -221,7 +223,7 @@ path, audio, mode, beam, batch, threads, temperature = sys.argv[1:8]
 model = WhisperModel(path, device="cpu", compute_type="float32", cpu_threads=int(threads))
 kwargs = {} if temperature == "default" else {"temperature": float(temperature)}
 if mode == "batched":
-    segments, _ = BatchedInferencePipeline(model).transcribe(audio, batch_size=int(batch), **kwargs)
+    segments, _ = BatchedInferencePipeline(model).transcribe(audio, batch_size=int(batch), beam_size=int(beam), **kwargs)
 else:
     segments, _ = model.transcribe(audio, beam_size=int(beam), **kwargs)
 print(json.dumps("".join(s.text for s in segments)))
@@ -241,11 +243,16 @@ def whole_process(args, wav: Path, reference: str, duration: float) -> dict:
     cache = OUT / "cache-longform"
     env = {**os.environ, "WJX_CACHE_DIR": str(cache)}
     temperature = "0" if args.no_fallback else "default"
-    fw_rows = {"fw-greedy": ("sequential", 1), "fw-beam5": ("sequential", 5), "fw-batched": ("batched", 1)}
+    # fw-batched is BatchedInferencePipeline as users call it: beam 5 is its default (rows before
+    # 2026-12-06 ran it so, unnamed); fw-batched-greedy decodes as wjx's batched mode does.
+    fw_rows = {"fw-greedy": ("sequential", 1), "fw-beam5": ("sequential", 5), "fw-batched": ("batched", 5),
+               "fw-batched-greedy": ("batched", 1)}
+    batched = ["--mode", "batched", "--batch-size", str(args.batch_size)]
     wjx_rows = {  # row: (extra flags, the faster-whisper rows it is compared with)
         "wjx-greedy": ([], ["fw-greedy"]),
         "wjx-beam5": (["--beam-size", "5"], ["fw-beam5"]),
-        "wjx-batched": (["--mode", "batched", "--batch-size", str(args.batch_size)], ["fw-greedy", "fw-batched"]),
+        "wjx-batched": (batched, ["fw-greedy", "fw-batched-greedy", "fw-batched"]),
+        "wjx-batched-beam5": (batched + ["--beam-size", "5"], ["fw-batched"]),
     }
     wjx_rows = {k: v for k, v in wjx_rows.items() if k not in args.skip}
 

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from whisperjax_cli.packing import Timeline, vad_windows
+from whisperjax_cli.packing import Timeline, chunk_timeline, vad_windows
 from whisperjax_cli.results import Segment, Word
 from whisperjax_cli.seams import Piece, crosses_break, cut_window
 
@@ -19,6 +19,27 @@ def test_vad_windows_merge_across_breaks_as_evenly_as_their_count_allows():
     alone = Timeline(((0, 3500), (4000, 4200), (9000, 9200)))  # a span of 35 s is a window of its own
     assert vad_windows(alone) == [(0, 3500), (3500, 3900)]
     assert vad_windows(Timeline(())) == []
+
+
+def test_vad_windows_fill_by_vad_chunk_inside_joined_spans():
+    """Touching VAD chunks of 20, 15 and 20 s joined into one 55 s span of the file (times map
+    through it), then 10 s more after a gap: windows end where chunks do, none over 30 s."""
+    line = Timeline(((1000, 6500), (9000, 10000)), joins=(3000, 4500))
+    assert line.piece_starts.tolist() == [0, 2000, 3500, 5500, 6500]
+    assert line.pieces().tolist() == [2000, 1500, 2000, 1000]
+    assert line.to_source(25.0) == 35.0  # one span: no seam at the joins
+    windows = vad_windows(line)
+    assert windows == [(0, 2000), (2000, 3500), (3500, 6500)]
+    assert all(b - a <= 3000 for a, b in windows)
+    assert vad_windows(Timeline(((1000, 6500), (9000, 10000)))) == [(0, 5500), (5500, 6500)]  # unjoined: one span
+
+
+def test_touching_vad_chunks_join_into_one_span_that_remembers_the_joins():
+    chunks = [(1000, 3000), (2990, 4500), (4500, 6500), (6000, 6400), (9000, 10000), (12000, 13000)]
+    line = chunk_timeline(chunks, [(0, 12500)])
+    assert line.spans == ((1000, 6500), (9000, 10000), (12000, 12500))  # clipped to the clips
+    assert line.joins == (3000, 4500)  # a chunk inside the span before adds no join
+    assert chunk_timeline(chunks[:2], [(0, 2000), (2500, 5000)]).spans == ((1000, 2000), (2500, 4500))
 
 
 def _segment(tok, start, end, text, offset):

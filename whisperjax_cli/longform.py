@@ -32,8 +32,8 @@ from whisperjax_cli.decoding import loop_start
 from whisperjax_cli.features import (FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, LogMelWindows, first_window,
                                      model_window)
 from whisperjax_cli.profile import Timings, maybe
-from whisperjax_cli.packing import (BREAK_MIN, Timeline, WindowCuts, frame_energy, group_windows, quiet_frames,
-                                   speech_spans, vad_windows)
+from whisperjax_cli.packing import (BREAK_MIN, Timeline, WindowCuts, chunk_timeline, frame_energy, group_windows,
+                                   quiet_frames, speech_spans, vad_windows)
 from whisperjax_cli.results import Segment, Transcript
 from whisperjax_cli.seams import Piece, crosses_break, cut_window
 from whisperjax_cli.streams import FileEvent, FileState, Stream, parse_clip_timestamps
@@ -134,7 +134,7 @@ class Transcriber:
             quiet = quiet_frames(energy)
         if self.options.vad_filter:
             with maybe(self.timings, "vad"):
-                timeline = Timeline(self._speech_spans(audio, clips))
+                timeline = self._vad_timeline(audio, clips)
         elif self.mode == "batched":  # the energy gate: pauses shortened
             timeline = Timeline(tuple(span for s, e in clips for span in speech_spans(quiet, s, e)))
         if self.mode == "batched":
@@ -163,9 +163,9 @@ class Transcriber:
         return FileState(index, source, mel, content_frames, language, probability, sot, streams, timeline,
                          None if timeline is None else source_frames, cuts)
 
-    def _speech_spans(self, audio: np.ndarray, clips: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    def _vad_timeline(self, audio: np.ndarray, clips: list[tuple[int, int]]) -> Timeline:
         """Silero VAD's speech segments (faster-whisper's rules, ``options.vad_parameters``)
-        inside ``clips``, as mel frames, in order."""
+        inside ``clips``, as mel frames, in order: a timeline of them, touching ones joined."""
         from whisperjax_cli.vad import speech_timestamps
 
         if self._vad_params is None:
@@ -173,20 +173,10 @@ class Transcriber:
 
             self._vad_params = load_weights()
         speech = speech_timestamps(audio, self.options.vad_parameters, params=self._vad_params)
-        spans: list[tuple[int, int]] = []
-        for chunk in speech:
-            # To the nearest frame: rounding outward moved every later join of the packed audio
-            # (by 74 ms at the ninth join of bench/nonspeech.py's audio).
-            start, end = round(chunk["start"] / HOP_LENGTH), round(chunk["end"] / HOP_LENGTH)
-            for clip_start, clip_end in clips:
-                lo, hi = max(start, clip_start), min(end, clip_end)
-                if lo >= hi:
-                    continue
-                if spans and lo <= spans[-1][1]:  # touching once rounded to frames: one span
-                    spans[-1] = (spans[-1][0], max(hi, spans[-1][1]))
-                else:
-                    spans.append((lo, hi))
-        return tuple(spans)
+        # To the nearest frame: rounding outward moved every later join of the packed audio
+        # (by 74 ms at the ninth join of bench/nonspeech.py's audio).
+        chunks = [(round(c["start"] / HOP_LENGTH), round(c["end"] / HOP_LENGTH)) for c in speech]
+        return chunk_timeline(chunks, clips)
 
     def _language(self, mel: LogMelWindows, content_frames: int) -> tuple[Optional[str], Optional[float]]:
         tok = self.model.tokenizer
@@ -250,7 +240,7 @@ class Transcriber:
         kept there (bench/nonspeech.py)."""
         if not self.options.vad_filter:
             return f.hold(s, size)
-        starts = f.timeline.packed_starts[:-1]
+        starts = f.timeline.piece_starts[:-1]
         inside = starts[(starts > s.seek) & (starts < s.seek + size)]
         return int(inside[-1] - s.seek) // 2 if len(inside) else 0
 

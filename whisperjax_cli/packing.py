@@ -89,6 +89,9 @@ class Timeline:
     """Spans of a file laid end to end (the audio batched mode decodes), and the way back."""
 
     spans: tuple[tuple[int, int], ...]  # [start, end) frames of the file, in order
+    # frames of the file inside spans where touching VAD chunks were joined: one span to map
+    # times through, still separate pieces for windows (see pieces)
+    joins: tuple[int, ...] = ()
 
     @functools.cached_property
     def packed_starts(self) -> np.ndarray:
@@ -148,6 +151,18 @@ class Timeline:
                 e = starts[last]
         return s, e
 
+    @functools.cached_property
+    def piece_starts(self) -> np.ndarray:
+        """Packed frames where each piece of the packed audio starts (the spans, cut again at
+        ``joins``), and where the last ends."""
+        joins = np.asarray(self.joins, np.int64)
+        inside = [self.packed_starts[i] + joins[(joins > s) & (joins < e)] - s for i, (s, e) in enumerate(self.spans)]
+        return np.unique(np.concatenate([self.packed_starts, *inside]))
+
+    def pieces(self) -> np.ndarray:
+        """Frames of each piece of packed audio, in order."""
+        return np.diff(self.piece_starts)
+
     def audio(self, audio: np.ndarray) -> np.ndarray:
         return np.concatenate([audio[s * HOP_LENGTH : e * HOP_LENGTH] for s, e in self.spans] or [audio[:0]])
 
@@ -159,6 +174,25 @@ class Timeline:
     def frames_of(self, values: np.ndarray) -> np.ndarray:
         """Per-frame ``values`` of the file, those of the packed audio."""
         return np.concatenate([values[s:e] for s, e in self.spans] or [values[:0]])
+
+
+def chunk_timeline(chunks: list[tuple[int, int]], clips: list[tuple[int, int]]) -> Timeline:
+    """The timeline of VAD chunks ``[start, end)`` (frames, in order) inside ``clips``: chunks
+    that touch or overlap are joined into one span, the joins kept (:attr:`Timeline.joins`)."""
+    spans: list[tuple[int, int]] = []
+    joins: list[int] = []
+    for start, end in chunks:
+        for clip_start, clip_end in clips:
+            lo, hi = max(start, clip_start), min(end, clip_end)
+            if lo >= hi:
+                continue
+            if spans and lo <= spans[-1][1]:
+                if hi > spans[-1][1]:
+                    joins.append(spans[-1][1])
+                    spans[-1] = (spans[-1][0], hi)
+            else:
+                spans.append((lo, hi))
+    return Timeline(tuple(spans), tuple(joins))
 
 
 class WindowCuts:
@@ -224,15 +258,18 @@ def vad_windows(timeline: Timeline) -> list[tuple[int, int]]:
     On bench/nonspeech.py (ten passages between long stretches of non-speech) windows of one
     passage each lost context: WER base 11.71 %, tiny.en 14.24; faster-whisper's windows 6.65
     and 15.51; these 7.28 and 13.92. A segment read across 5 s or more left out is cut there
-    (:mod:`~whisperjax_cli.seams`). A span longer than 30 s is a window of its own.
+    (:mod:`~whisperjax_cli.seams`). A span longer than 30 s is a window of its own. Windows
+    fill by VAD chunk (:meth:`Timeline.pieces`), not by the spans that touching chunks were
+    joined into: bench/longform.py's paragraphs, read with short pauses, joined into spans of
+    over 30 s, each decoded as 30 s and a short rest (39 passes over its 27 windows).
     """
-    lengths = np.diff(timeline.packed_starts)
+    lengths = timeline.pieces()
     count = len(_fill(lengths, N_FRAMES))
     low, high = 1, N_FRAMES
     while low < high:  # the smallest cap that fills no more windows than 30 s does
         middle = (low + high) // 2
         low, high = (low, middle) if len(_fill(lengths, middle)) <= count else (middle + 1, high)
-    starts = timeline.packed_starts
+    starts = np.concatenate([[0], np.cumsum(lengths)])
     return [(int(starts[a]), int(starts[b])) for a, b in _fill(lengths, low)]
 
 
