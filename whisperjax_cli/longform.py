@@ -36,7 +36,7 @@ from whisperjax_cli.packing import (BREAK_MIN, Timeline, WindowCuts, chunk_timel
                                    quiet_frames, speech_spans, vad_windows)
 from whisperjax_cli.results import Segment, Transcript
 from whisperjax_cli.seams import Piece, crosses_break, cut_window
-from whisperjax_cli.streams import FileEvent, FileState, Stream, parse_clip_timestamps
+from whisperjax_cli.streams import HOLD_MARGIN, FileEvent, FileState, Stream, parse_clip_timestamps
 from whisperjax_cli.language import detect_language_mel
 from whisperjax_cli.options import TranscribeOptions, options_from
 from whisperjax_cli.window_decoder import LazyKey, WindowDecoder, batch_bucket, build_prompt, take_rows
@@ -235,14 +235,15 @@ class Transcriber:
         """The timestamp index before which a packed window may not end. A window of up to 30 s
         of several sentences is often ended early by the model (tiny.en dropped the last
         sentences of a third of them). The energy gate's windows hold on to 1 s before their
-        last sound (:meth:`FileState.hold`); the VAD's, to the start of their last speech
-        segment: holding on to its end made tiny.en write over music or applause the VAD had
-        kept there (bench/nonspeech.py)."""
+        last sound (:meth:`FileState.hold`); the VAD's, to 1 s before their end, which is the
+        end of a VAD chunk. On bench/longform.py's 27 windows (tiny.en) none is left to decode on
+        from where the model stopped (4 were when held to the start of their last chunk: 29
+        passes instead of 33; WER tiny.en 21.7 -> 21.6 %, base 18.0 -> 17.6), and
+        bench/nonspeech.py still has no word in non-speech (the energy's last sound is not
+        used: music is loud)."""
         if not self.options.vad_filter:
             return f.hold(s, size)
-        starts = f.timeline.piece_starts[:-1]
-        inside = starts[(starts > s.seek) & (starts < s.seek + size)]
-        return int(inside[-1] - s.seek) // 2 if len(inside) else 0
+        return max(0, size - HOLD_MARGIN) // 2
 
     def _skip_if_silent(self, f: FileState, s: Stream) -> bool:
         """Moves past a window of digital silence without decoding it (see is_digital_silence)."""
