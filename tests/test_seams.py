@@ -28,6 +28,8 @@ def test_vad_windows_fill_by_vad_chunk_inside_joined_spans():
     assert line.piece_starts.tolist() == [0, 2000, 3500, 5500, 6500]
     assert line.pieces().tolist() == [2000, 1500, 2000, 1000]
     assert line.to_source(25.0) == 35.0  # one span: no seam at the joins
+    assert line.breaks.tolist() == [5500]  # 25 s left out; a join is no break
+    assert line.holds_break(5000, 6000) and not line.holds_break(0, 5500)
     windows = vad_windows(line)
     assert windows == [(0, 2000), (2000, 3500), (3500, 6500)]
     assert all(b - a <= 3000 for a, b in windows)

@@ -32,8 +32,8 @@ from whisperjax_cli.decoding import loop_start
 from whisperjax_cli.features import (FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, LogMelWindows, first_window,
                                      model_window)
 from whisperjax_cli.profile import Timings, maybe
-from whisperjax_cli.packing import (BREAK_MIN, Timeline, WindowCuts, chunk_timeline, frame_energy, group_windows,
-                                   quiet_frames, speech_spans, vad_windows)
+from whisperjax_cli.packing import (Timeline, WindowCuts, chunk_timeline, frame_energy, group_windows, quiet_frames,
+                                   speech_spans, vad_windows)
 from whisperjax_cli.results import Segment, Transcript
 from whisperjax_cli.seams import Piece, crosses_break, cut_window
 from whisperjax_cli.streams import HOLD_MARGIN, FileEvent, FileState, Stream, parse_clip_timestamps
@@ -139,7 +139,7 @@ class Transcriber:
             timeline = Timeline(tuple(span for s, e in clips for span in speech_spans(quiet, s, e)))
         if self.mode == "batched":
             energy, quiet = timeline.frames_of(energy), timeline.frames_of(quiet)
-            cuts = WindowCuts(quiet, energy, timeline.breaks(BREAK_MIN))
+            cuts = WindowCuts(quiet, energy, timeline.breaks)
             clips = vad_windows(timeline) if self.options.vad_filter else cuts.windows()
         elif timeline is not None:
             clips = [(0, timeline.frames)]
@@ -358,7 +358,9 @@ class Transcriber:
         todo, windows = [], []
         for row, (s, size, result) in enumerate(zip(streams, sizes, results)):
             f = files[s.file]
-            if not s.packed or self._silent(result) or not self._holds_break(f, s.seek, size):
+            # only a window with a break inside can hold a segment across one; the others are
+            # not split into segments twice
+            if not s.packed or self._silent(result) or not f.timeline.holds_break(s.seek, s.seek + size):
                 continue
             split = result.looped and (s.seek, s.clip_end) not in s.split
             new, advance = self._segments(f, s, size, result, split, mapped=False)
@@ -378,13 +380,6 @@ class Transcriber:
                 cut = self._cut(f, window.segments, window.time_offset, alignment)
                 rows[row] = ([self._to_file(f, p.segment) for p in cut], advance)
         return rows
-
-    @staticmethod
-    def _holds_break(f: FileState, seek: int, size: int) -> bool:
-        """Whether a break lies inside the packed window ``[seek, seek + size)``: only then can a
-        segment cross one (the others skip splitting their tokens twice)."""
-        breaks = f.timeline.breaks(BREAK_MIN)
-        return bool(np.any((breaks > seek) & (breaks < seek + size)))
 
     def _cut(self, f: FileState, segments: list[Segment], offset: float, alignment) -> list[Piece]:
         """:func:`~whisperjax_cli.seams.cut_window` of one window of ``f``."""

@@ -166,10 +166,15 @@ class Timeline:
     def audio(self, audio: np.ndarray) -> np.ndarray:
         return np.concatenate([audio[s * HOP_LENGTH : e * HOP_LENGTH] for s, e in self.spans] or [audio[:0]])
 
-    def breaks(self, dropped: int) -> np.ndarray:
-        """Packed frames where at least ``dropped`` frames of the file were left out."""
+    @functools.cached_property
+    def breaks(self) -> np.ndarray:
+        """Packed frames where ``BREAK_MIN`` or more frames of the file were left out."""
         gaps = np.array([b[0] - a[1] for a, b in zip(self.spans, self.spans[1:])], np.int64)
-        return self.packed_starts[1:-1][gaps >= dropped]
+        return self.packed_starts[1:-1][gaps >= BREAK_MIN]
+
+    def holds_break(self, start: int, stop: int) -> bool:
+        """Whether a break lies inside the packed frames ``(start, stop)``."""
+        return bool(np.any((self.breaks > start) & (self.breaks < stop)))
 
     def frames_of(self, values: np.ndarray) -> np.ndarray:
         """Per-frame ``values`` of the file, those of the packed audio."""

@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 
 from whisperjax_cli.features import FRAMES_PER_SECOND
-from whisperjax_cli.packing import BREAK_MIN, SEAM_SLACK, Timeline
+from whisperjax_cli.packing import SEAM_SLACK, Timeline
 from whisperjax_cli.results import Segment
 from whisperjax_cli.tokenizer import TIME_PRECISION
 from whisperjax_cli.timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, merge_punctuations, word_timings
@@ -62,7 +62,7 @@ def sides(timeline: Timeline, breaks: np.ndarray, segment: Segment) -> tuple[int
 
 def crosses_break(timeline: Timeline, segments: list[Segment]) -> bool:
     """Whether a window's ``segments`` (packed seconds) hold one to cut (see the module)."""
-    breaks = timeline.breaks(BREAK_MIN)
+    breaks = timeline.breaks
     return any(a < b for a, b in (sides(timeline, breaks, g) for g in segments))
 
 
@@ -85,7 +85,7 @@ def cut_window(tokenizer, timeline: Timeline, segments: list[Segment], offset: f
       A :class:`Piece` per segment not cut (the segment itself), and per side of the breaks
       that holds words of a segment cut: a word is on the side of its middle.
     """
-    breaks = timeline.breaks(BREAK_MIN)
+    breaks = timeline.breaks
     pieces, first = [], 0
     for segment in segments:
         text = [t for t in segment.tokens if t < tokenizer.eot]
