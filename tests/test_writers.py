@@ -394,6 +394,8 @@ def test_write_atomic_writes_utf8_exactly(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0o600
+    write_atomic(tmp_path / "program", b"\x00\xff\r\n")  # bytes as they are (programs.py's stored programs)
+    assert (tmp_path / "program").read_bytes() == b"\x00\xff\r\n"
 
 
 def test_write_atomic_replaces_existing_file(tmp_path):

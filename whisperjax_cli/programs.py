@@ -310,12 +310,9 @@ def stored_jit(*, static_argnames: tuple[str, ...] = ()) -> Callable[[Callable],
 def _write(path: Path, data: bytes) -> None:
     """Writes ``data`` at ``path`` whole or not at all (other processes may read it meanwhile);
     a folder that cannot be written only costs the next process the time to make it again."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    from whisperjax_cli.writers import write_atomic
+
     try:
-        temp.write_bytes(data)
-        os.replace(temp, path)
+        write_atomic(path, data)
     except OSError:
-        try:
-            temp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        pass

@@ -466,8 +466,9 @@ def output_stems(inputs: list[Path]) -> dict[Path, str]:
 # --- atomic files ------------------------------------------------------------------------------
 
 
-def _write_temp(path: Path, text: str, made: list[Path]) -> Path:
-    """Writes ``text`` as UTF-8 to a new hidden file beside ``path`` and returns its path.
+def _write_temp(path: Path, text: str | bytes, made: list[Path]) -> Path:
+    """Writes ``text`` (as UTF-8, or bytes as they are) to a new hidden file beside ``path``
+    and returns its path.
 
     The file is appended to ``made`` the moment it exists (SIGTERM/SIGHUP cannot come in
     between), so that the caller's cleanup finds it whatever interrupts the writing.
@@ -483,15 +484,17 @@ def _write_temp(path: Path, text: str, made: list[Path]) -> Path:
             break
         except FileExistsError:
             continue
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as stream:
+    binary = not isinstance(text, str)  # bytes or a bytearray
+    with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="") as stream:
         stream.write(text)
         stream.flush()
         os.fsync(stream.fileno())  # the data is on disk before the rename makes it visible
     return temp
 
 
-def write_atomic(path: Path | str, text: str) -> None:
-    """Writes ``text`` to ``path`` so that readers see the old file or the new one, never half.
+def write_atomic(path: Path | str, text: str | bytes) -> None:
+    """Writes ``text`` (a str as UTF-8, or bytes) to ``path`` so that readers see the old file
+    or the new one, never half.
 
     The text goes to a temporary file in the same folder, then ``os.replace`` swaps it in.
     On any error (or SIGTERM) the temporary file is removed and ``path`` is left as it was.
