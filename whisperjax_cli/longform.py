@@ -7,17 +7,20 @@ batch, refilling a row as soon as its stream ends.
 
 * ``mode="sequential"`` (accuracy, the default): one stream per file, exactly OpenAI's
   semantics; several files are still decoded side by side.
-* ``mode="batched"`` (throughput, faster-whisper's batched pipeline in kind): the file's
-  pauses are shortened (:func:`~whisperjax_cli.packing.speech_spans`), what is left is cut at gaps into windows of
-  15-30 s (:class:`~whisperjax_cli.packing.WindowCuts`), and each window is decoded once, side by side with the others,
-  its times mapped back to the file (:class:`~whisperjax_cli.packing.Timeline`); with the VAD (the default), the
-  speech it finds is laid end to end in windows of whole speech segments
-  (:func:`~whisperjax_cli.packing.vad_windows`), and a segment read across a long stretch left out
-  is cut there (:mod:`~whisperjax_cli.seams`). By default without the previous text
-  and at temperature 0 alone, as faster-whisper's; with ``condition_on_previous_text`` a row
-  decodes a run of consecutive windows. The model may not end a window's text before its last
-  sound (:func:`~whisperjax_cli.timestamps.hold_end_of_text`): at a cut 15-30 s in, it otherwise
-  drops the window's last sentences a third of the time.
+* ``mode="batched"`` (throughput, faster-whisper's batched pipeline in kind): with the VAD (the
+  default) the speech it finds is laid end to end (:class:`~whisperjax_cli.packing.Timeline`,
+  which maps times back to the file) in windows of whole VAD chunks
+  (:func:`~whisperjax_cli.packing.vad_windows`), and a segment read across a long stretch left
+  out is cut there (:mod:`~whisperjax_cli.seams`); without it pauses are shortened
+  (:func:`~whisperjax_cli.packing.speech_spans`) and what is left is cut at gaps into windows of
+  15-30 s (:class:`~whisperjax_cli.packing.WindowCuts`). Each window is decoded once, side by
+  side with the others, by default without the previous text and at temperature 0 alone, as
+  faster-whisper's; with ``condition_on_previous_text`` a row decodes a run of consecutive
+  windows. The model may not end a window's text before 1 s before its end or its last sound
+  (:func:`~whisperjax_cli.timestamps.hold_end_of_text`): it otherwise drops a window's last
+  sentences a third of the time.
+
+A window's tokens become segments in :mod:`~whisperjax_cli.window_segments`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import jax
 import numpy as np
 
 from whisperjax_cli.audio import load_audio
-from whisperjax_cli.decoding import loop_start
 from whisperjax_cli.features import (FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, LogMelWindows, first_window,
                                      model_window)
 from whisperjax_cli.profile import Timings, maybe
@@ -40,8 +42,8 @@ from whisperjax_cli.streams import HOLD_MARGIN, FileEvent, FileState, Stream, pa
 from whisperjax_cli.language import detect_language_mel
 from whisperjax_cli.options import TranscribeOptions, options_from
 from whisperjax_cli.window_decoder import LazyKey, WindowDecoder, batch_bucket, build_prompt, take_rows
+from whisperjax_cli.window_segments import to_file, window_segments
 
-SECONDS_PER_TOKEN = 0.02  # timestamp resolution: 2 mel frames per encoder position
 
 
 SILENCE_PEAK = 10 ** (-80 / 20)  # -80 dBFS: below any recording's noise floor
@@ -57,7 +59,6 @@ def is_digital_silence(samples: np.ndarray) -> bool:
 
 
 SPLIT_MIN = 500  # frames: what is left of a looping window is decoded again, as two if each half has 5 s
-CONTINUE_MIN = 100  # frames: a packed window is decoded on from its last closed segment if 1 s of sound is left
 
 
 class Cancelled(Exception):
@@ -274,7 +275,9 @@ class Transcriber:
                 s.prompt_reset_since = len(s.prompt)
         else:
             split = s.packed and result.looped and (s.seek, s.clip_end) not in s.split
-            new, advance = decided if decided is not None else self._segments(f, s, size, result, split)
+            if decided is None:
+                decided = window_segments(self.model.tokenizer, f, s, size, result, split)
+            new, advance = decided
             new = [g for g in new if g.start < g.end and g.text.strip()]
             if s.packed:  # no fallback to replace ". . . ." over noise: a segment without a letter or digit goes
                 new = [g for g in new if any(c.isalnum() for c in g.text)]
@@ -305,7 +308,7 @@ class Transcriber:
                 continue
             f = files[s.file]
             split = s.packed and result.looped and (s.seek, s.clip_end) not in s.split
-            new, advance = self._segments(f, s, size, result, split, mapped=False)
+            new, advance = window_segments(self.model.tokenizer, f, s, size, result, split, mapped=False)
             samples = f.mel.audio[s.seek * HOP_LENGTH : (s.seek + size) * HOP_LENGTH] if opts.refine_word_timestamps else None
             windows.append(WindowWords(new, s.seek / FRAMES_PER_SECOND, size, row, f.sot_sequence, f.language, samples,
                                        last_speech_timestamp=s.last_speech))
@@ -363,7 +366,7 @@ class Transcriber:
             if not s.packed or self._silent(result) or not f.timeline.holds_break(s.seek, s.seek + size):
                 continue
             split = result.looped and (s.seek, s.clip_end) not in s.split
-            new, advance = self._segments(f, s, size, result, split, mapped=False)
+            new, advance = window_segments(self.model.tokenizer, f, s, size, result, split, mapped=False)
             if crosses_break(f.timeline, new):
                 todo.append((row, advance))
                 windows.append(WindowWords(new, s.seek / FRAMES_PER_SECOND, size, len(windows), f.sot_sequence,
@@ -378,7 +381,7 @@ class Transcriber:
             if alignment is not None:  # None: no text to cut
                 f = files[streams[row].file]
                 cut = self._cut(f, window.segments, window.time_offset, alignment)
-                rows[row] = ([self._to_file(f, p.segment) for p in cut], advance)
+                rows[row] = ([to_file(f, p.segment) for p in cut], advance)
         return rows
 
     def _cut(self, f: FileState, segments: list[Segment], offset: float, alignment) -> list[Piece]:
@@ -398,98 +401,6 @@ class Transcriber:
         halves = [(start, mid), (mid, end)] if mid < end else [(start, end)]
         s.clips[s.clip_index : s.clip_index + 1] = [(s.clips[s.clip_index][0], start), *halves]
         s.split.update(halves)
-
-    def _segments(self, f: FileState, s: Stream, size: int, result, split: bool = False, mapped: bool = True
-                  ) -> tuple[list[Segment], int]:
-        """Splits one window's tokens at timestamp pairs; returns (segments, frames to seek).
-
-        A ``packed`` stream's window (batched mode) is decoded once: text after the last pair
-        is a segment that ends with the window, and the stream moves on to its next window.
-        A row that stopped in a loop keeps what it wrote before the repeats began; with
-        ``split``, only its closed segments, and the stream moves to the last of their ends
-        (the rest is decoded again, see :meth:`_split`). Times are the file's, or with
-        ``mapped`` False those of the decoded (packed) audio.
-        """
-        seek = s.seek
-        ts_begin = self.model.tokenizer.timestamp_begin
-        tokens = np.asarray(result.tokens, np.int64)
-        if s.packed and result.looped:
-            tokens = tokens[: loop_start(tokens, ts_begin)]
-        offset = seek / FRAMES_PER_SECOND
-        is_ts = tokens >= ts_begin
-        single_ending = len(tokens) >= 2 and not is_ts[-2] and is_ts[-1]
-        consecutive = (np.flatnonzero(is_ts[:-1] & is_ts[1:]) + 1).tolist()
-        segments = []
-        if consecutive:
-            slices = consecutive + ([len(tokens)] if single_ending else [])
-            last = 0
-            for cut in slices:
-                part = tokens[last:cut]
-                start = offset + (part[0] - ts_begin) * SECONDS_PER_TOKEN
-                end = offset + (part[-1] - ts_begin) * SECONDS_PER_TOKEN
-                segments.append(self._segment(f, seek, size, start, end, part, result, mapped))
-                last = cut
-            advance = size if single_ending else int(tokens[last - 1] - ts_begin) * 2
-            if split:
-                stamps = tokens[is_ts]
-                return segments, min(int(stamps[-1] - ts_begin) * 2, size)
-            if s.packed and not single_ending:
-                rest = tokens[last:]
-                if np.any(rest[1:] < self.model.tokenizer.eot):
-                    start = offset + (rest[0] - ts_begin) * SECONDS_PER_TOKEN
-                    end = offset + size / FRAMES_PER_SECOND
-                    segments.append(self._segment(f, seek, size, start, end, rest, result, mapped))
-                    advance = size
-                else:  # a loop's remainder is split (above) or given up, never decoded on
-                    advance = size if result.looped else self._packed_advance(f, s, size, advance)
-        elif split:
-            return [], 0
-        else:
-            duration = size / FRAMES_PER_SECOND
-            stamps = tokens[is_ts]
-            if len(stamps) and stamps[-1] != ts_begin:
-                duration = (stamps[-1] - ts_begin) * SECONDS_PER_TOKEN
-            segments.append(self._segment(f, seek, size, offset, offset + duration, tokens, result, mapped))
-            advance = size
-        return segments, advance
-
-    def _packed_advance(self, f: FileState, s: Stream, size: int, closed: int) -> int:
-        """Where a packed window's stream goes on after the model closed its last segment at
-        ``closed`` frames and stopped: past the window, unless at least ``CONTINUE_MIN`` of sound
-        follows (the model dropped the window's last sentences), then from ``closed`` on, as
-        OpenAI's loop seeks; a window that closed nothing in its first ``CONTINUE_MIN`` moves on."""
-        if closed < CONTINUE_MIN or f.cuts is None:
-            return size
-        heard = f.cuts.sound_end(s.seek + closed, s.seek + size) - (s.seek + closed)
-        return closed if heard >= CONTINUE_MIN else size
-
-    def _segment(self, f: FileState, seek, size, start, end, tokens: np.ndarray, result, mapped: bool = True
-                 ) -> Segment:
-        # Past the window's content the model sees zero padding and may still place timestamps
-        # there; clipping keeps every time inside the audio (and inside a packed window).
-        limit = (seek + size) / FRAMES_PER_SECOND
-        end = min(float(end), limit)
-        start = min(float(start), end)
-        text_tokens = [int(t) for t in tokens if t < self.model.tokenizer.eot]
-        segment = Segment(
-            id=0, seek=seek, start=start, end=end,
-            text=self.model.tokenizer.decode(text_tokens), tokens=[int(t) for t in tokens],
-            temperature=result.temperature, avg_logprob=result.avg_logprob,
-            compression_ratio=result.compression_ratio, no_speech_prob=result.no_speech_prob,
-        )
-        if mapped:
-            return self._to_file(f, segment)
-        segment.start, segment.end = round(start, 3), round(end, 3)
-        return segment
-
-    @staticmethod
-    def _to_file(f: FileState, segment: Segment) -> Segment:
-        """``segment`` with its decoded times and seek mapped to the file's (in place)."""
-        start, end = f.segment_to_source(segment.start, segment.end)
-        segment.start, segment.end = round(min(start, end), 3), round(end, 3)
-        if f.timeline is not None:
-            segment.seek = round(f.to_source(segment.seek / FRAMES_PER_SECOND) * FRAMES_PER_SECOND)
-        return segment
 
     # ------------------------------------------------------------ the scheduler
 

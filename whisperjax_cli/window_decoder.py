@@ -20,6 +20,7 @@ from whisperjax_cli.options import TranscribeOptions
 from whisperjax_cli.parallel import placement_of
 from whisperjax_cli.profile import Timings, maybe
 from whisperjax_cli.timestamps import TimestampConfig
+from whisperjax_cli.tokenizer import TIME_PRECISION
 
 Array = jax.Array
 PROMPT_BUCKETS = (8, 232)  # left-padded prompt lengths (sot_prev + 223 + sot sequence fits)
@@ -175,7 +176,7 @@ class WindowDecoder:
         if not options.without_timestamps:
             max_initial = None
             if options.max_initial_timestamp is not None:
-                max_initial = round(options.max_initial_timestamp / 0.02)
+                max_initial = round(options.max_initial_timestamp / TIME_PRECISION)
             ts = TimestampConfig(tok.timestamp_begin, tok.eot, tok.no_timestamps, max_initial)
         self.config = LoopConfig(options.sample_len, tok.eot, tok.no_speech, ts,
                                  loop_span=LOOP_SPAN if options.stop_loops else 0)
