@@ -196,6 +196,23 @@ def test_a_packed_window_whose_text_stops_early_is_decoded_on_from_its_last_segm
     assert stream.done and stream.segments[0].text == " Hi."
 
 
+def test_a_vad_window_holds_its_text_to_1_s_before_its_end_an_energy_window_to_its_last_sound(tiny_en):
+    from whisperjax_cli.longform import Transcriber
+    from whisperjax_cli.options import TranscribeOptions
+    from whisperjax_cli.packing import WindowCuts
+    from whisperjax_cli.streams import FileState, Stream
+
+    stream = Stream(0, [(0, 3000)], [], packed=True)
+    vad = Transcriber(tiny_en, TranscribeOptions(mode="batched"))
+    assert vad._hold_index(None, stream, 2706) == 1303  # timestamp index: (2706 - 100 frames) / 2
+    assert vad._hold_index(None, stream, 80) == 0  # a window under 1 s holds nothing
+    quiet = np.zeros(3000, bool)
+    quiet[2200:] = True  # sound until 22 s
+    f = FileState(0, None, None, 3000, "en", None, (), [], None, 3000, WindowCuts(quiet, np.where(quiet, -8.0, -2.0)))
+    energy = Transcriber(tiny_en, TranscribeOptions(mode="batched", vad_filter=False))
+    assert energy._hold_index(f, stream, 3000) == 1050  # 1 s before its last sound, not its end
+
+
 def test_batched_mode_defaults_are_faster_whisper_s_and_yield_to_explicit_ones(tiny_en):
     from whisperjax_cli.longform import Transcriber
     from whisperjax_cli.options import TranscribeOptions
