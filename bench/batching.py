@@ -89,7 +89,7 @@ def main() -> int:
     decode = phases.get("decode", 0.0) + phases.get("fallback decode", 0.0)
     rest = one_at_a_time - encoder - decode
 
-    decoder = WindowDecoder(model, options)
+    decoder = WindowDecoder(model, TranscribeOptions(batch_size=args.rows, temperature=(0.0,)))  # no fallback pass
     tok = model.tokenizer
     mel = LogMelWindows(audio, model.dims.n_mels)
     window = model_window(mel, 0, min(mel.n_frames, 3000))
