@@ -272,3 +272,31 @@ def test_vad_decodes_speech_only_and_maps_times_back(tiny_en, clip_audio):
             assert any(s - 0.6 <= segment.start <= e for s, e in spans), (mode, segment)
             assert any(s <= segment.end <= e + 0.6 for s, e in spans), (mode, segment)
         assert result.duration == pytest.approx(len(audio) / 16000, abs=0.01)
+
+
+def test_the_first_window_reuses_what_language_detection_encoded(base, long_audio, clip_audio, monkeypatch):
+    """A multilingual model detects the language on frames [0, 3000) of a file of 30 s or more,
+    the very window its decode starts with: that window is not encoded again, and the text is
+    the one encoding it again gives. A shorter file's detection window differs by one frame
+    (faster-whisper's), so there nothing is reused."""
+    from whisperjax_cli.streams import FileState
+    from whisperjax_cli.window_decoder import WindowDecoder
+
+    encoded, decoded = [], []
+    encode, decode = WindowDecoder.encode, WindowDecoder.decode_keeping_cross
+    monkeypatch.setattr(WindowDecoder, "encode", lambda self, mels: encoded.append(len(mels)) or encode(self, mels))
+    monkeypatch.setattr(WindowDecoder, "decode_keeping_cross",
+                        lambda self, audio, n, *a, **k: decoded.append(n) or decode(self, audio, n, *a, **k))
+
+    def run(audio):
+        encoded.clear(), decoded.clear()
+        text = transcribe(base, audio, temperature=0.0).text
+        return text, sum(encoded), sum(decoded)
+
+    reused, encodes, windows = run(long_audio)
+    assert windows >= 2 and encodes == windows - 1
+    short, encodes, windows = run(clip_audio["goforward.flac"])
+    assert encodes == windows
+    monkeypatch.setattr(FileState, "take_first_audio", lambda self, s, size: None)
+    again, encodes, windows = run(long_audio)
+    assert encodes == windows and again == reused

@@ -45,14 +45,16 @@ def language_probs(logits: np.ndarray, language_tokens: np.ndarray) -> np.ndarra
     return sub / sub.sum(axis=-1, keepdims=True)
 
 
-def detect_language_mel(model, mels: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
-    """Language probabilities ``[batch, n_languages]`` for mel windows ``[batch, 3000, n_mels]``."""
+def detect_language_mel(model, mels: np.ndarray, keep_audio: bool = False):
+    """Language probabilities ``[batch, n_languages]`` for mel windows ``[batch, 3000, n_mels]``:
+    ``(codes, probs)``, and with ``keep_audio`` the windows' encoder output as a third item."""
     tok = model.tokenizer
     if not tok.multilingual:
         raise UsageError(model.name, "English-only model: it cannot identify languages")
     audio = encode(model.module, model.params, np.asarray(mels, np.float32))
     logits = np.asarray(language_logits(model.module, model.params, audio, np.int32(tok.sot)))
-    return tok.all_language_codes, language_probs(logits, np.asarray(tok.all_language_tokens))
+    probs = language_probs(logits, np.asarray(tok.all_language_tokens))
+    return (tok.all_language_codes, probs, audio) if keep_audio else (tok.all_language_codes, probs)
 
 
 def frame_db(audio: np.ndarray) -> np.ndarray:

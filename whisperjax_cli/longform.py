@@ -151,7 +151,7 @@ class Transcriber:
         mel = LogMelWindows(audio, self.model.n_mels, padding=N_SAMPLES)
         content_frames = mel.n_frames - N_FRAMES
         with maybe(self.timings, "language"):
-            language, probability = self._language(mel, content_frames)
+            language, probability, first_audio = self._language(mel, content_frames)
         tok = self.model.tokenizer
         sot = tok.sot_sequence_for(language, self.options.task) if tok.multilingual else tuple(tok.sot_sequence)
         if self.mode == "batched":
@@ -162,7 +162,7 @@ class Transcriber:
         else:
             streams = [Stream(index, clips, list(self.initial_tokens))]
         return FileState(index, source, mel, content_frames, language, probability, sot, streams, timeline,
-                         None if timeline is None else source_frames, cuts)
+                         None if timeline is None else source_frames, cuts, first_audio=first_audio)
 
     def _vad_timeline(self, audio: np.ndarray, clips: list[tuple[int, int]]) -> Timeline:
         """Silero VAD's speech segments (faster-whisper's rules, ``options.vad_parameters``)
@@ -179,18 +179,24 @@ class Transcriber:
         chunks = [(round(c["start"] / HOP_LENGTH), round(c["end"] / HOP_LENGTH)) for c in speech]
         return chunk_timeline(chunks, clips)
 
-    def _language(self, mel: LogMelWindows, content_frames: int) -> tuple[Optional[str], Optional[float]]:
+    def _language(self, mel: LogMelWindows, content_frames: int):
+        """``(language, probability, encoder output)``: the last is that of frames ``[0,
+        N_FRAMES)`` when language detection encoded exactly them (a file of 30 s or more), for
+        the first window to decode without encoding it again (base, 30-60 s clips one at a time:
+        one encoder pass in three), else None."""
         tok = self.model.tokenizer
         if not tok.multilingual:
-            return "en", None
+            return "en", None, None
         if self.options.language is not None:
-            return self.options.language, None
+            return self.options.language, None, None
         # The first window with zeros past the content, as faster-whisper does (OpenAI feeds the
         # log-mel of zero audio there instead). Like faster-whisper it keeps the frame centred
         # on the last sample too, so probabilities agree with it to ~1e-4.
-        codes, probs = detect_language_mel(self.model, first_window(mel, content_frames, language_id=True)[None])
+        codes, probs, audio = detect_language_mel(self.model, first_window(mel, content_frames, language_id=True)[None],
+                                                  keep_audio=True)
         best = int(np.argmax(probs[0]))
-        return codes[best], float(probs[0, best])
+        whole = content_frames + 1 >= N_FRAMES and self.decoder.placement is None
+        return codes[best], float(probs[0, best]), audio if whole else None
 
     # ------------------------------------------------------------ one window of many streams
 
@@ -212,7 +218,9 @@ class Transcriber:
         if not streams:
             return
         with maybe(self.timings, "encoder"):
-            audio = self.decoder.encode(np.stack(mels))
+            audio = self._encode(mels, [files[s.file].take_first_audio(s, size) for s, size in zip(streams, sizes)])
+            for s in streams:  # a first window that was not frames [0, N_FRAMES) leaves it unused
+                files[s.file].first_audio = None
             if self.timings is not None:
                 audio.block_until_ready()  # else its device time lands in the decode phase
         self.key, sub = self.key.split()
@@ -231,6 +239,21 @@ class Transcriber:
             for s, size, result, words in zip(streams, sizes, results, decided):
                 if words is not False:  # False: decoded again from where word_seek moved it
                     self._advance(files[s.file], s, size, result, words)
+
+    def _encode(self, mels: list[np.ndarray], known: list) -> jax.Array:
+        """Encoder output of the step's windows, padded to a batch bucket; a window whose
+        output is ``known`` (language detection's) is not encoded again."""
+        todo = [m for m, k in zip(mels, known) if k is None]
+        if len(todo) == len(mels):
+            return self.decoder.encode(np.stack(mels))
+        fresh = iter(np.asarray(self.decoder.encode(np.stack(todo)))) if todo else iter(())
+        out = None
+        for i, k in enumerate(known):
+            row = next(fresh) if k is None else np.asarray(k)[0]
+            if out is None:
+                out = np.zeros((batch_bucket(len(mels), self.decoder.multiple), *row.shape), row.dtype)
+            out[i] = row
+        return jax.device_put(out)
 
     def _hold_index(self, f: FileState, s: Stream, size: int) -> int:
         """The timestamp index before which a packed window may not end. A window of up to 30 s

@@ -67,6 +67,15 @@ class FileState:
     source_frames: Optional[int] = None  # the file's own length, when packed
     cuts: Optional[WindowCuts] = None  # batched mode: where its windows end
     emitted: int = 0  # segments already handed out
+    first_audio: Any = None  # encoder output [1, n_audio_ctx, state] of frames [0, N_FRAMES), if made already
+
+    def take_first_audio(self, s: Stream, size: int):
+        """The encoder output language detection made of this file's first window, for the
+        stream about to decode that same window (frames ``[0, N_FRAMES)``); once, else None."""
+        if self.first_audio is None or s.seek != 0 or size != N_FRAMES:
+            return None
+        audio, self.first_audio = self.first_audio, None
+        return audio
 
     @property
     def duration(self) -> float:
