@@ -297,6 +297,10 @@ def test_the_first_window_reuses_what_language_detection_encoded(base, long_audi
     assert windows >= 2 and encodes == windows - 1
     short, encodes, windows = run(clip_audio["goforward.flac"])
     assert encodes == windows
+    encoded.clear(), decoded.clear()  # both files in one batch: the known window among encoded ones
+    done = {e.index: e.transcript.text for e in transcribe_files(base, [long_audio, clip_audio["goforward.flac"]],
+                                                                 batch_size=2, temperature=0.0) if e.transcript}
+    assert done == {0: reused, 1: short} and sum(encoded) == sum(decoded) - 1
     monkeypatch.setattr(FileState, "take_first_audio", lambda self, s, size: None)
     again, encodes, windows = run(long_audio)
     assert encodes == windows and again == reused

@@ -195,7 +195,7 @@ class Transcriber:
         codes, probs, audio = detect_language_mel(self.model, first_window(mel, content_frames, language_id=True)[None],
                                                   keep_audio=True)
         best = int(np.argmax(probs[0]))
-        whole = content_frames + 1 >= N_FRAMES and self.decoder.placement is None
+        whole = content_frames >= N_FRAMES and self.decoder.placement is None  # what window_size(0) is then
         return codes[best], float(probs[0, best]), audio if whole else None
 
     # ------------------------------------------------------------ one window of many streams
@@ -219,8 +219,6 @@ class Transcriber:
             return
         with maybe(self.timings, "encoder"):
             audio = self._encode(mels, [files[s.file].take_first_audio(s, size) for s, size in zip(streams, sizes)])
-            for s in streams:  # a first window that was not frames [0, N_FRAMES) leaves it unused
-                files[s.file].first_audio = None
             if self.timings is not None:
                 audio.block_until_ready()  # else its device time lands in the decode phase
         self.key, sub = self.key.split()
@@ -246,6 +244,10 @@ class Transcriber:
         todo = [m for m, k in zip(mels, known) if k is None]
         if len(todo) == len(mels):
             return self.decoder.encode(np.stack(mels))
+        if len(mels) == 1:  # a file alone (batch bucket 1): the detection's output as it is, on the device
+            return known[0]
+        # Several windows (a step of many files, once per file): assembled on the host, so that no
+        # program is made for each mix of shapes.
         fresh = iter(np.asarray(self.decoder.encode(np.stack(todo)))) if todo else iter(())
         out = None
         for i, k in enumerate(known):

@@ -71,11 +71,10 @@ class FileState:
 
     def take_first_audio(self, s: Stream, size: int):
         """The encoder output language detection made of this file's first window, for the
-        stream about to decode that same window (frames ``[0, N_FRAMES)``); once, else None."""
-        if self.first_audio is None or s.seek != 0 or size != N_FRAMES:
-            return None
+        stream about to decode that same window (frames ``[0, N_FRAMES)``), else None. Asked
+        at the file's first step, it is let go either way: no later window is that one."""
         audio, self.first_audio = self.first_audio, None
-        return audio
+        return audio if s.seek == 0 and size == N_FRAMES else None
 
     @property
     def duration(self) -> float:
