@@ -317,7 +317,8 @@ def test_beam5_matches_openai_rules_on_real_weights(tiny_en, clip):
     from whisperjax_cli.options import TranscribeOptions
     from whisperjax_cli.window_decoder import WindowDecoder, left_pad
     from whisperjax_cli.features import N_FRAMES, N_SAMPLES, log_mel_spectrogram
-    from whisperjax_cli.model import Whisper, init_cache
+    from whisperjax_cli.kv_cache import init_cache
+    from whisperjax_cli.model import Whisper
 
     tok, module, params = tiny_en.tokenizer, tiny_en.module, tiny_en.params
     decoder = WindowDecoder(tiny_en, TranscribeOptions(beam_size=5, without_timestamps=True, temperature=0.0))

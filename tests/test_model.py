@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from whisperjax_cli.dims import OFFICIAL_DIMS, ModelDimensions
-from whisperjax_cli.model import KVCache, Whisper, init_cache, repeat_rows, take_rows, take_slots
+from whisperjax_cli.kv_cache import KVCache, init_cache, repeat_rows, take_rows, take_slots
+from whisperjax_cli.model import Whisper
 from whisperjax_cli.weights import expected_shapes, name_table
 
 

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from whisperjax_cli.decoding import DecodeInputs, DecodeOutput, LoopConfig, filter_logits, loops, prefill
-from whisperjax_cli.model import Whisper, init_cache, take_rows, take_slots
+from whisperjax_cli.kv_cache import init_cache, take_rows, take_slots
+from whisperjax_cli.model import Whisper
 from whisperjax_cli.programs import stored_jit
 
 SLOT_BLOCK = 16  # beams reorder their self-attention buffers in blocks of this many slots
@@ -277,7 +278,7 @@ def beam_search_window(module: Whisper, params, inputs: DecodeInputs, config: Lo
     The prompt is prefilled once per audio row; the beams of a row share its cross-attention
     keys/values (held constant, read once per step for all beams); reordering beams gathers only
     the self-attention buffers, and of those only the slots sampled so far
-    (:func:`~whisperjax_cli.model.take_slots`): the prompt's are the same for all beams.
+    (:func:`~whisperjax_cli.kv_cache.take_slots`): the prompt's are the same for all beams.
     ``inputs.temperature`` and ``inputs.key`` are not read (beam search is at temperature 0).
     """
     beam = config.beam

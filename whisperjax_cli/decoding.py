@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from whisperjax_cli.decode_types import DecodeInputs, DecodeOutput
-from whisperjax_cli.model import KVCache, Whisper, init_cache, repeat_rows, take_rows
+from whisperjax_cli.kv_cache import KVCache, init_cache, repeat_rows, take_rows
+from whisperjax_cli.model import Whisper
 from whisperjax_cli.programs import stored_jit
 from whisperjax_cli.timestamps import TimestampConfig, apply_timestamp_rules, hold_end_of_text
 

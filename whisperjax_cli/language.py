@@ -20,7 +20,8 @@ from whisperjax_cli.audio import SAMPLE_RATE, load_audio
 from whisperjax_cli.decoding import encode
 from whisperjax_cli.errors import UsageError
 from whisperjax_cli.features import HOP_LENGTH, N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
-from whisperjax_cli.model import Whisper, init_cache
+from whisperjax_cli.kv_cache import init_cache
+from whisperjax_cli.model import Whisper
 from whisperjax_cli.programs import stored_jit
 
 Array = jax.Array
