@@ -439,8 +439,15 @@ def _wjx_env(**extra) -> dict:
     return env
 
 
-def _python_wjx(*args) -> str:
-    return " ".join([sys.executable, "-m", "whisperjax_cli", *map(str, args)])
+def _python_wjx(*args, python_flags: tuple = ()) -> str:
+    return " ".join([sys.executable, *python_flags, "-m", "whisperjax_cli", *map(str, args)])
+
+
+def _imported(stderr: str) -> tuple[set, list[str]]:
+    """``python -X importtime``'s modules, and the other stderr lines."""
+    lines = stderr.splitlines()
+    modules = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
+    return modules, [line for line in lines if not line.startswith("import time:")]
 
 
 def test_help_and_usage_errors_do_not_import_jax():
@@ -466,17 +473,19 @@ def test_help_and_usage_errors_do_not_import_jax():
 
 def test_pipes_stdin_jsonl_and_the_compile_cache(tmp_path):
     """Real processes: JSON through a pipe, jsonl streamed from stdin (next to a missing file);
-    the second process finds every compiled program in the persistent cache (no new entry)."""
+    the second process finds every compiled program in the persistent cache (no new entry),
+    and, tracing nothing, never imports Flax (the first does, to trace the model)."""
     env = _wjx_env(WJX_CACHE_DIR=str(tmp_path / "cache"))
     cache = tmp_path / "cache" / "jax" / "cpu"  # one folder per device kind
     clip = tmp_path / "a.flac"
     shutil.copy(GO, clip)
     check = f"{sys.executable} -c 'import json,sys; d=json.load(sys.stdin); print(d[\"text\"])'"
     t0 = time.perf_counter()
-    proc = subprocess.run(f"{_python_wjx('transcribe', clip, '-f', 'json', '-o', '-')} | {check}", shell=True,
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    cold_run = _python_wjx('transcribe', clip, '-f', 'json', '-o', '-', python_flags=("-X", "importtime"))
+    proc = subprocess.run(f"{cold_run} | {check}", shell=True, capture_output=True, text=True, env=env, cwd=tmp_path)
     cold = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr
+    assert "flax.linen" in _imported(proc.stderr)[0]
     assert proc.stdout == " Go forward 10 meters.\n"
     entries = sorted(p.name for p in cache.iterdir())
     assert any(name.startswith("jit_encode") for name in entries)
@@ -490,11 +499,14 @@ def test_pipes_stdin_jsonl_and_the_compile_cache(tmp_path):
 
     t0 = time.perf_counter()
     profile = tmp_path / "profile.json"
-    proc = subprocess.run(f"cat {clip} | {_python_wjx('transcribe', '-', 'gone.wav', '-f', 'jsonl', '-o', '-', '--profile', profile)}",
-                          shell=True, capture_output=True, text=True, env=env, cwd=tmp_path)
+    warm_run = _python_wjx('transcribe', '-', 'gone.wav', '-f', 'jsonl', '-o', '-', '--profile', profile,
+                           python_flags=("-X", "importtime"))
+    proc = subprocess.run(f"cat {clip} | {warm_run}", shell=True, capture_output=True, text=True, env=env, cwd=tmp_path)
     warm = time.perf_counter() - t0
     assert proc.returncode == 1  # gone.wav; the exit code survives main()'s fast exit
-    error, summary = proc.stderr.splitlines()
+    modules, stderr = _imported(proc.stderr)
+    assert "whisperjax_cli.decoding" in modules and not any(m.split(".")[0] == "flax" for m in modules)
+    error, summary = stderr
     assert error == "wjx: gone.wav: no such file"
     assert re.fullmatch(r"wjx: 1 written to stdout, 1 failed; 0:00:03 of audio in [\d.]+ s, [\d.]+x real time",
                         summary), summary

@@ -17,23 +17,25 @@ weak early endings can fill the finished set and cut a long-form window to a wor
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
+from whisperjax_cli.decode_types import pytree_dataclass
 from whisperjax_cli.decoding import DecodeInputs, DecodeOutput, LoopConfig, filter_logits, loops, prefill
 from whisperjax_cli.kv_cache import init_cache, take_rows, take_slots
-from whisperjax_cli.model import Whisper
 from whisperjax_cli.programs import stored_jit
+
+if TYPE_CHECKING:
+    from whisperjax_cli.model import Whisper
 
 SLOT_BLOCK = 16  # beams reorder their self-attention buffers in blocks of this many slots
 
 Array = jax.Array
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class BeamState:
     tokens: Array  # int32 [batch * beam, buffer]: prompt, the beam's sampled tokens, end-of-text after
     cur: Array  # int32 scalar: the next slot to write
@@ -285,7 +287,7 @@ def beam_search_window(module: Whisper, params, inputs: DecodeInputs, config: Lo
     beam_size = beam.beam_size
     audio, prompt, pad = inputs.audio, inputs.prompt, inputs.pad
     batch, prompt_len = prompt.shape
-    cross = module.apply({"params": params}, audio, method=Whisper.cross_kv)
+    cross = module.apply({"params": params}, audio, method="cross_kv")
     length = -(-(prompt_len + config.sample_len) // SLOT_BLOCK) * SLOT_BLOCK  # whole blocks; the rest masked
     cache = init_cache(module.dims, cross, length, module.dtype)
     last_logits, cache, no_speech_prob = prefill(module, params, prompt, cache, pad, inputs.sot_index, config)
@@ -297,7 +299,7 @@ def beam_search_window(module: Whisper, params, inputs: DecodeInputs, config: Lo
     # [rows, heads, ...] around each model call made XLA copy every buffer at every step: 20 ms
     # a step instead of 14 with a 232-token prompt.
     def step(token, cache, index):
-        logits, cache = module.apply({"params": params}, token, cache, index, beam_pad, method=Whisper.decode)
+        logits, cache = module.apply({"params": params}, token, cache, index, beam_pad, method="decode")
         return logits[:, -1], cache
 
     buffer = jnp.concatenate([prompt, jnp.full((batch, config.sample_len), config.eot, jnp.int32)], axis=1)

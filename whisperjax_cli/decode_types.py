@@ -17,6 +17,16 @@ from whisperjax_cli.programs import exportable
 Array = jax.Array
 
 
+def pytree_dataclass(cls: type) -> type:
+    """A frozen dataclass whose fields are all pytree children, with ``replace(**changes)``:
+    the decode loops' states (Flax's ``struct.dataclass`` without importing Flax, which a run
+    whose programs are all read back from disk never needs)."""
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    cls.replace = lambda self, **changes: dataclasses.replace(self, **changes)
+    names = [f.name for f in dataclasses.fields(cls)]
+    return jax.tree_util.register_dataclass(cls, data_fields=names, meta_fields=[])
+
+
 @exportable
 @dataclasses.dataclass(frozen=True)
 class DecodeInputs:

@@ -9,18 +9,19 @@ scripted logits. Logit filters are pure ``(logits, ...) -> logits`` functions. T
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from whisperjax_cli.decode_types import DecodeInputs, DecodeOutput
+from whisperjax_cli.decode_types import DecodeInputs, DecodeOutput, pytree_dataclass
 from whisperjax_cli.kv_cache import KVCache, init_cache, repeat_rows, take_rows
-from whisperjax_cli.model import Whisper
 from whisperjax_cli.programs import stored_jit
 from whisperjax_cli.timestamps import TimestampConfig, apply_timestamp_rules, hold_end_of_text
+
+if TYPE_CHECKING:
+    from whisperjax_cli.model import Whisper
 
 Array = jax.Array
 NEG_INF = -jnp.inf
@@ -53,7 +54,7 @@ class BeamConfig:
     finish_top_only: bool = False
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class LoopState:
     tokens: Array  # int32 [batch, buffer]: prompt, then sampled tokens
     cur: Array  # int32 scalar: the next slot to write
@@ -264,7 +265,7 @@ def decode_phases(module: Whisper, params, state: LoopState, pad: Array, group: 
 
 def _model_step(module: Whisper, params, pad: Array):
     def step(token, cache, index):
-        logits, cache = module.apply({"params": params}, token, cache, index, pad, method=Whisper.decode)
+        logits, cache = module.apply({"params": params}, token, cache, index, pad, method="decode")
         return logits[:, -1], cache
 
     return step
@@ -276,7 +277,7 @@ def prefill(module: Whisper, params, prompt: Array, cache: KVCache, pad: Array, 
     no-speech probability (read at start-of-transcript, as OpenAI). Only those two positions
     are projected onto the vocabulary."""
     at = jnp.stack([jnp.asarray(sot_index, jnp.int32), jnp.int32(prompt.shape[1] - 1)])
-    logits, cache = module.apply({"params": params}, prompt, cache, jnp.int32(0), pad, at, method=Whisper.decode)
+    logits, cache = module.apply({"params": params}, prompt, cache, jnp.int32(0), pad, at, method="decode")
     if config.no_speech is None:
         no_speech_prob = jnp.zeros((prompt.shape[0],), jnp.float32)
     else:
@@ -298,7 +299,7 @@ def decode_window(module: Whisper, params, inputs: DecodeInputs, config: LoopCon
     assert config.beam is None, "beam search runs in beam.beam_search_window"
     audio, prompt, pad, group, hold = inputs.audio, inputs.prompt, inputs.pad, config.group, inputs.hold
     batch, prompt_len = prompt.shape
-    cross = module.apply({"params": params}, audio, method=Whisper.cross_kv)
+    cross = module.apply({"params": params}, audio, method="cross_kv")
     # A group's rows share their prompt: it is run once per audio and its cache rows repeated.
     cache = init_cache(module.dims, cross, prompt_len + config.sample_len, module.dtype)
     last_logits, cache, no_speech_prob = prefill(module, params, prompt[::group], cache, pad[::group],
@@ -338,7 +339,7 @@ def encode(module: Whisper, params, mel: Array, rows: Optional[Array] = None) ->
     real windows rounded up to a chunk, with the one program of the bucket (batch 8, tiny.en,
     2 cores: 6.07 s for 8 rows, 4.43 s for 5, 1.53 s for 1).
     """
-    run = lambda m: module.apply({"params": params}, m, method=Whisper.encode)  # noqa: E731
+    run = lambda m: module.apply({"params": params}, m, method="encode")  # noqa: E731
     batch = mel.shape[0]
     chunk = ENCODE_CHUNK if batch % ENCODE_CHUNK == 0 else 1
     if batch <= chunk:

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 from typing import Optional
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
+from whisperjax_cli.decode_types import pytree_dataclass
 from whisperjax_cli.dims import ModelDimensions
 
 Array = jax.Array
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class KVCache:
     """Per-layer key/value buffers for the decoder, head-major.
 

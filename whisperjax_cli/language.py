@@ -10,7 +10,7 @@ silence is skipped; several windows are averaged, weighted by how much of each i
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +21,10 @@ from whisperjax_cli.decoding import encode
 from whisperjax_cli.errors import UsageError
 from whisperjax_cli.features import HOP_LENGTH, N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
 from whisperjax_cli.kv_cache import init_cache
-from whisperjax_cli.model import Whisper
 from whisperjax_cli.programs import stored_jit
+
+if TYPE_CHECKING:
+    from whisperjax_cli.model import Whisper
 
 Array = jax.Array
 SILENCE_DB = 35.0  # a 10 ms frame is silent when this far below the file's loudest 100 ms
@@ -32,10 +34,10 @@ CONTEXT_SECONDS = 1.0  # kept before the first loud frame: short leading silence
 @stored_jit(static_argnames=("module",))
 def language_logits(module: Whisper, params, audio: Array, sot: Array) -> Array:
     """Logits after ``<|startoftranscript|>`` alone, ``[batch, vocab]`` (language ID)."""
-    cross = module.apply({"params": params}, audio, method=Whisper.cross_kv)
+    cross = module.apply({"params": params}, audio, method="cross_kv")
     cache = init_cache(module.dims, cross, 1, module.dtype)
     tokens = jnp.broadcast_to(sot, (audio.shape[0], 1)).astype(jnp.int32)
-    logits, _ = module.apply({"params": params}, tokens, cache, jnp.int32(0), method=Whisper.decode)
+    logits, _ = module.apply({"params": params}, tokens, cache, jnp.int32(0), method="decode")
     return logits[:, 0]
 
 

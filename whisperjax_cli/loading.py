@@ -6,6 +6,7 @@ is :mod:`whisperjax_cli.hub`; the Linen modules are :mod:`whisperjax_cli.model`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -88,6 +89,28 @@ def read_model_dir(path: Path, float32: bool = True) -> ModelFiles:
     return ModelFiles(path, dims, state, config, generation, kind)
 
 
+@dataclasses.dataclass(frozen=True)
+class WhisperSpec:
+    """The :class:`~whisperjax_cli.model.Whisper` network of these dimensions and dtypes, as the
+    programs' static argument (hashable, equal when the networks are): it builds the Linen
+    module only when a program is traced (``apply``), so a run whose programs are all read back
+    from disk (:mod:`whisperjax_cli.programs`) never imports Flax (~0.2 s of a warm start-up)."""
+
+    dims: ModelDimensions
+    dtype: Any
+    matmul_dtype: Any = None
+
+    @functools.cached_property
+    def network(self):
+        from whisperjax_cli.model import Whisper
+
+        return Whisper(self.dims, self.dtype, self.matmul_dtype)
+
+    def apply(self, variables, *args, **kwargs):
+        """``Whisper(...).apply``; name the method as a string (``method="decode"``)."""
+        return self.network.apply(variables, *args, **kwargs)
+
+
 @dataclasses.dataclass(eq=False)
 class WhisperModel:
     """A loaded model: dimensions, parameters (already in the compute dtype), tokenizer, settings."""
@@ -104,10 +127,8 @@ class WhisperModel:
     matmul_dtype: Any = None  # see whisperjax_cli.model.mixed_matmul
 
     @property
-    def module(self):
-        from whisperjax_cli.model import Whisper
-
-        return Whisper(self.dims, self.dtype, self.matmul_dtype)
+    def module(self) -> "WhisperSpec":
+        return WhisperSpec(self.dims, self.dtype, self.matmul_dtype)
 
     @property
     def is_multilingual(self) -> bool:

@@ -29,16 +29,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from whisperjax_cli.errors import UsageError
-from whisperjax_cli.model import Whisper
 from whisperjax_cli.results import Segment, Word
 from whisperjax_cli.word_refine import pauses, refine_words
+
+if TYPE_CHECKING:
+    from whisperjax_cli.model import Whisper
 
 TOKENS_PER_SECOND = 50  # encoder positions per second: each covers 2 mel frames
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"  # openai-whisper's defaults
@@ -268,7 +270,7 @@ def _window_scores(module: Whisper, params, cross: tuple, tokens: jax.Array, hea
     """One window's alignment heads' cross-attention scores ``[heads, T, F]`` and final hidden
     states ``[T, state]``, for ``cross`` its audio's keys/values (``Whisper.cross_kv`` of one
     row) and ``tokens`` ``[1, T]``."""
-    hidden, scores = module.apply({"params": params}, tokens, cross, method=Whisper.forward_with_scores)
+    hidden, scores = module.apply({"params": params}, tokens, cross, method="forward_with_scores")
     return jnp.stack([scores[layer][0, head] for layer, head in heads]), hidden[0]
 
 
@@ -288,7 +290,7 @@ def _token_probs(module: Whisper, params, hidden: jax.Array, picks: jax.Array, t
     def chunk(c, out):
         idx = jax.lax.dynamic_slice_in_dim(picks, c * rows, rows)
         tgt = jax.lax.dynamic_slice_in_dim(targets, c * rows, rows)
-        probs = module.apply({"params": params}, hidden[idx], tgt, eot, method=Whisper.target_probs)
+        probs = module.apply({"params": params}, hidden[idx], tgt, eot, method="target_probs")
         return jax.lax.dynamic_update_slice_in_dim(out, probs, c * rows, 0)
 
     chunks = (count + rows - 1) // rows
@@ -384,7 +386,7 @@ def _text_tokens(segment: Segment, eot: int) -> list[int]:
 @functools.partial(jax.jit, static_argnames=("module",))
 def cross_kv(module: Whisper, params, audio: jax.Array) -> tuple:
     """``Whisper.cross_kv`` of encoder output ``audio`` (for callers that kept no decode's)."""
-    return module.apply({"params": params}, audio, method=Whisper.cross_kv)
+    return module.apply({"params": params}, audio, method="cross_kv")
 
 
 @jax.jit
