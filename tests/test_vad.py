@@ -150,6 +150,15 @@ def test_strict_loading_names_what_is_wrong(tmp_path):
         vad_weights.load_weights(tmp_path / "missing.safetensors")
 
 
+def test_parameter_shapes_are_what_the_model_initialises():
+    """The shape table loading checks against (no tracing at load) is the traced Flax init's."""
+    stream = jax.ShapeDtypeStruct((1, 512 + 64), np.float32)
+    state = jax.ShapeDtypeStruct((1, 128), np.float32)
+    shapes = jax.eval_shape(lambda s, h: vad_model.SileroVad().init(jax.random.key(0), s, (h, h)), stream, state)
+    flat = jax.tree_util.tree_flatten_with_path(shapes["params"])[0]
+    assert {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in flat} == vad_weights.parameter_shapes()
+
+
 def test_block_shapes_without_weights():
     shapes = {k: jax.ShapeDtypeStruct(v, np.float32) for k, v in vad_weights.parameter_shapes().items()}
     params = {}
@@ -158,7 +167,7 @@ def test_block_shapes_without_weights():
         params.setdefault(module, {})[leaf] = shape
     state = jax.ShapeDtypeStruct((3, 128), np.float32)
     stream = jax.ShapeDtypeStruct((3, 40 * 512 + 64), np.float32)
-    probs, h, c = jax.eval_shape(vad_model.run_block, params, stream, state, state)
+    probs, h, c = jax.eval_shape(vad.run_block, params, stream, state, state)
     assert (probs.shape, h.shape, c.shape) == ((3, 40), (3, 128), (3, 128))
 
 
@@ -399,3 +408,21 @@ def test_cli_tsv_json_and_errors(clips, params, tmp_path):
                   ["--vad-speech-pad-ms", "x", str(cards)], ["-f", "srt", str(cards)]):
         result = runner.invoke(vad_command, usage)
         assert result.exit_code == 2 and result.stdout == "", usage
+
+
+def test_cli_keeps_its_program_and_reads_it_back_without_flax(tmp_path):
+    """``wjx vad`` keeps the model's program in the compile cache as transcribe does: a second
+    process reads it back, tracing nothing, so it never imports Flax (the first one does)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WJX_", "JAX_", "XLA_"))}
+    env["WJX_CACHE_DIR"] = str(tmp_path / "cache")
+    runs = [subprocess.run([sys.executable, "-X", "importtime", "-m", "whisperjax_cli", "vad", str(DATA / "goforward.flac")],
+                           capture_output=True, text=True, env=env) for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[-1].stderr
+    assert runs[0].stdout == runs[1].stdout and len(runs[0].stdout.splitlines()) >= 2
+    flax = [any(line.split("|")[-1].strip() == "flax" for line in r.stderr.splitlines()) for r in runs]
+    assert flax == [True, False]
+    assert any(p.name.startswith("wjx-program-_run_block-") for p in (tmp_path / "cache").rglob("*"))

@@ -76,8 +76,11 @@ def run_vad(inputs: tuple[str, ...], fmt: str, options, batch_size: int = 16,
             out: TextIO | None = None) -> int:
     """Prints the speech segments of every input in order; returns the exit code.
 
-    Inputs are read and run ``batch_size`` at a time, so memory follows that many files.
+    Inputs are read and run ``batch_size`` at a time, so memory follows that many files. The
+    model's programs are kept in the compile cache as transcribe's are (``WJX_CACHE_DIR``,
+    ``WJX_NO_COMPILE_CACHE``): a later run reads them back instead of tracing and compiling.
     """
+    from whisperjax_cli import programs, runtime
     from whisperjax_cli.cli_files import collect_inputs
     from whisperjax_cli.vad import batch_speech_timestamps
     from whisperjax_cli.vad_weights import load_weights
@@ -86,6 +89,8 @@ def run_vad(inputs: tuple[str, ...], fmt: str, options, batch_size: int = 16,
     found, errors = collect_inputs(inputs)
     for line in errors:
         say(line)
+    runtime.configure(compile_cache=not runtime.compile_cache_disabled())
+    programs.prefetch()
     params = load_weights()
     if fmt == "tsv":
         out.write("file\tstart\tend\n")

@@ -9,11 +9,13 @@ helpers (speech-only audio and the map back to original times) are in vad_stitch
 re-exported here.
 
 JAX is imported only when probabilities are computed, so :class:`VadOptions` and the
-timestamp rules load without it.
+timestamp rules load without it; Flax (vad_model.py) only when the block program is traced,
+not when it is read back from disk (:mod:`whisperjax_cli.programs`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,10 +23,7 @@ import numpy as np
 
 from whisperjax_cli.vad_options import VadOptions, batched_vad_options  # noqa: F401 - re-exported
 from whisperjax_cli.vad_stitch import SpeechTimestampsMap, collect_chunks, speech_audio  # noqa: F401 - re-exported
-
-SAMPLE_RATE = 16000
-CHUNK = 512  # samples per probability (vad_model.CHUNK, not imported: that would import JAX)
-CONTEXT = 64  # samples of the previous chunk the model reads with each chunk (vad_model.CONTEXT)
+from whisperjax_cli.vad_weights import CHUNK, CONTEXT, HIDDEN, SAMPLE_RATE
 # Rows x chunks per model call. A block's intermediates (~40 MB at 2048) then stay near the
 # caches: 4096 or more ran the 2-core EPYC about 2x slower per hour of audio, 1024 no faster.
 MAX_BLOCK = 2048
@@ -62,16 +61,35 @@ def _block_chunks(remaining: int, rows: int) -> int:
     return min(cap, 1 << (max(remaining, MIN_BLOCK) - 1).bit_length())
 
 
+def _run_block(params: dict, stream, h, c):
+    from whisperjax_cli.vad_model import SileroVad
+
+    probs, (h, c) = SileroVad().apply({"params": params}, stream, (h, c))
+    return probs, h, c
+
+
+@functools.lru_cache(maxsize=1)
+def _block_program():
+    from whisperjax_cli.programs import StoredJit
+
+    return StoredJit(_run_block, ())  # one program per (batch, chunks) shape
+
+
+def run_block(params: dict, stream, h, c):
+    """The model over a block: ``stream`` ``[batch, chunks * 512 + 64]`` (see
+    :class:`~whisperjax_cli.vad_model.SileroVad`), the LSTM state ``(h, c)`` carried in and out.
+    Returns ``(probabilities [batch, chunks], h, c)``."""
+    return _block_program()(params, stream, h, c)
+
+
 def _group_probabilities(params: Any, audios: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Probabilities of a few streams run side by side, block by block, the LSTM state carried.
 
     Blocks are dispatched without waiting for results (JAX runs them asynchronously), so the
     next block's samples are gathered while the model runs.
     """
-    from whisperjax_cli import vad_model
-
     counts = [chunk_count(len(a)) for a in audios]
-    h, c = vad_model.zero_state(len(audios))
+    h = c = np.zeros((len(audios), HIDDEN), np.float32)  # the LSTM state at the start of a stream
     pieces, start = [], 0
     while start < max(counts):
         chunks = _block_chunks(max(counts) - start, len(audios))
@@ -80,7 +98,7 @@ def _group_probabilities(params: Any, audios: Sequence[np.ndarray]) -> list[np.n
         stream = np.empty((len(audios), chunks * CHUNK + CONTEXT), np.float32)  # [rows, samples]
         for row, (audio, count) in enumerate(zip(audios, counts)):
             _stream_block(audio, count, start, chunks, stream[row])
-        probs, h, c = vad_model.run_block(params, stream, h, c)
+        probs, h, c = run_block(params, stream, h, c)
         pieces.append(probs)  # [rows, chunks]
         start += chunks
     probs = np.concatenate([np.asarray(p) for p in pieces], axis=1)  # [rows, >= max(counts)]

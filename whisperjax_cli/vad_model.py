@@ -12,8 +12,8 @@ block at once (a few large matmuls); only the LSTM's recurrent product runs in a
 16 kHz model, no 8 kHz branch): ``Pad(reflect, 128 | 128)`` -> ``Conv(stride 128)`` -> drop
 the first frame -> ``sqrt(re^2 + im^2)`` -> 4 x (``Conv(k=3, pad 1)`` + ReLU) with strides
 1, 2, 2, 1 -> ``LSTM`` (ONNX gate order i, o, f, c) -> ReLU -> ``Conv(1x1)`` -> sigmoid.
-Weights: vad_weights.py; driving it over files: vad.py. This module is a leaf: it imports
-nothing from the package.
+Weights and the geometry (chunk, context, sizes): vad_weights.py; driving it over files, and the
+stored program that runs a block: vad.py, which imports this module only to trace it.
 """
 
 from __future__ import annotations
@@ -21,21 +21,11 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from whisperjax_cli.programs import StoredJit
+from whisperjax_cli.vad_weights import CHUNK, CONTEXT, ENCODER_LAYERS, FILTER, HIDDEN, HOP, N_BINS
 
 Array = jax.Array
-SAMPLE_RATE = 16000
-CHUNK = 512  # samples per speech probability at 16 kHz
-CONTEXT = 64  # samples of the previous chunk read with each chunk
-HIDDEN = 128  # LSTM state size (h and c)
-FILTER, HOP = 256, 128  # STFT frame length and hop
-N_BINS = FILTER // 2 + 1  # 129 frequency bins
 _HIGHEST = jax.lax.Precision.HIGHEST  # float32 products on every device (TPUs default to bf16 passes)
-
-# Encoder convolutions: (input channels, output channels, stride); kernel 3, padding 1.
-ENCODER_LAYERS = ((N_BINS, 128, 1), (128, 64, 2), (64, 64, 2), (64, 128, 1))
 
 
 def _matmul(x: Array, w: Array) -> Array:
@@ -140,15 +130,3 @@ class SileroVad(nn.Module):
         logits = nn.Dense(1, name="head", precision=_HIGHEST)(nn.relu(hs))  # [batch, chunks, 1]
         return jax.nn.sigmoid(logits[..., 0]), state
 
-
-def _run_block(params: dict, stream: Array, h: Array, c: Array) -> tuple[Array, Array, Array]:
-    probs, (h, c) = SileroVad().apply({"params": params}, stream, (h, c))
-    return probs, h, c
-
-
-run_block = StoredJit(_run_block, ())  # one program per (batch, chunks) shape
-
-
-def zero_state(batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """The LSTM state at the start of a stream: ``(h, c)``, each ``[batch, 128]`` zeros."""
-    return np.zeros((batch, HIDDEN), np.float32), np.zeros((batch, HIDDEN), np.float32)

@@ -19,6 +19,16 @@ from whisperjax_cli.errors import ModelError
 
 WEIGHTS_PATH = Path(__file__).parent / "assets" / "silero_vad_v6.safetensors"
 
+# The network's geometry (vad_model.py builds it from these; here they need neither JAX nor Flax).
+SAMPLE_RATE = 16000
+CHUNK = 512  # samples per speech probability at 16 kHz
+CONTEXT = 64  # samples of the previous chunk read with each chunk
+HIDDEN = 128  # LSTM state size (h and c)
+FILTER, HOP = 256, 128  # STFT frame length and hop
+N_BINS = FILTER // 2 + 1  # 129 frequency bins
+# Encoder convolutions: (input channels, output channels, stride); kernel 3, padding 1.
+ENCODER_LAYERS = ((N_BINS, 128, 1), (128, 64, 2), (64, 64, 2), (64, 128, 1))
+
 # Layout changes from the canonical tensor to ours.
 _LAYOUTS = {
     "copy": lambda w: w,
@@ -27,12 +37,11 @@ _LAYOUTS = {
     "linear": lambda w: w.T,  # [out, in] -> [in, out]
     "head": lambda w: w[:, :, 0].T,  # conv 1x1 [1, 128, 1] -> [128, 1]
 }
-_ENCODER_LAYERS = 4
 # (our parameter path, canonical name(s), layout); two names are summed.
 PARAMETER_TABLE = (
     ("stft/basis", "encoder.feature_extractor.forward_basis_buffer", "basis"),
     *((f"conv{n}/{ours}", f"encoder.conv_layers.{n}.{theirs}", layout)
-      for n in range(_ENCODER_LAYERS)
+      for n in range(len(ENCODER_LAYERS))
       for ours, theirs, layout in (("kernel", "weight", "conv"), ("bias", "bias", "copy"))),
     ("lstm/input_kernel", "decoder.rnn.weight_ih", "linear"),
     ("lstm/recurrent_kernel", "decoder.rnn.weight_hh", "linear"),
@@ -45,17 +54,15 @@ _ONNX_TO_TORCH_GATES = (0, 2, 3, 1)
 
 
 def parameter_shapes() -> dict[str, tuple[int, ...]]:
-    """Our parameters' shapes by path (``"conv0/kernel"``), from the model itself (no weights)."""
-    import jax
-    import jax.numpy as jnp
-
-    from whisperjax_cli.vad_model import CHUNK, CONTEXT, HIDDEN, SileroVad
-
-    stream = jax.ShapeDtypeStruct((1, CHUNK + CONTEXT), jnp.float32)
-    state = jax.ShapeDtypeStruct((1, HIDDEN), jnp.float32)
-    shapes = jax.eval_shape(lambda s, h: SileroVad().init(jax.random.key(0), s, (h, h)), stream, state)
-    flat = jax.tree_util.tree_flatten_with_path(shapes["params"])[0]
-    return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
+    """Our parameters' shapes by path (``"conv0/kernel"``), from the geometry above: what
+    ``SileroVad().init`` makes (a test traces it), without tracing it (nor importing Flax)
+    at every load."""
+    shapes = {"stft/basis": (FILTER, 2 * N_BINS)}
+    for n, (inputs, outputs, _) in enumerate(ENCODER_LAYERS):
+        shapes.update({f"conv{n}/kernel": (3, inputs, outputs), f"conv{n}/bias": (outputs,)})
+    shapes.update({"lstm/input_kernel": (ENCODER_LAYERS[-1][1], 4 * HIDDEN), "lstm/recurrent_kernel": (HIDDEN, 4 * HIDDEN),
+                   "lstm/bias": (4 * HIDDEN,), "head/kernel": (HIDDEN, 1), "head/bias": (1,)})
+    return shapes
 
 
 def params_from_tensors(tensors: dict[str, np.ndarray], source: str) -> dict[str, Any]:
