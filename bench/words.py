@@ -129,7 +129,7 @@ def decode_windows(model, audio: np.ndarray):
     the keys/values as a decode hands them to the alignment pass."""
     import jax
 
-    from whisperjax_cli import timing
+    from whisperjax_cli import alignment, timing
     from whisperjax_cli.features import N_SAMPLES, LogMelWindows, model_window
     from whisperjax_cli.longform import transcribe
     from whisperjax_cli.model import Whisper
@@ -149,7 +149,7 @@ def decode_windows(model, audio: np.ndarray):
         window = timing.WindowWords(segments, seek / 100, size, 0, sot, "en",
                                     samples=audio[seek * 160 : (seek + size) * 160])
         encoded = encode(model.params, model_window(mel, seek, size)[None])
-        out.append((window, timing.cross_kv(model.module, model.params, encoded)))
+        out.append((window, alignment.cross_kv(model.module, model.params, encoded)))
     return out
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from whisperjax_cli import timing, word_decisions
+from whisperjax_cli import alignment, timing, word_decisions
 from whisperjax_cli.errors import UsageError
 from whisperjax_cli.results import Segment, Word
 from whisperjax_cli.timing import WindowWords, WordOptions
@@ -34,8 +34,8 @@ def _segment(start, end, tokens=(), words=None, text="x") -> Segment:
 
 def _dtw_entries(cost) -> list[int]:
     cost = np.asarray(cost, np.float32)
-    trace = np.asarray(jax.jit(timing.dtw_trace)(jnp.asarray(cost)[None]))
-    return timing.backtrace(trace, 0, *cost.shape).tolist()
+    trace = np.asarray(jax.jit(alignment.dtw_trace)(jnp.asarray(cost)[None]))
+    return alignment.backtrace(trace, 0, *cost.shape).tolist()
 
 
 def test_dtw_follows_the_cheapest_path():
@@ -54,13 +54,13 @@ def test_dtw_of_padded_rows_and_columns_ignores_the_padding():
     cost = np.random.default_rng(0).random((6, 9)).astype(np.float32)
     padded = np.full((8, 12), -5.0, np.float32)  # padding that would attract the path
     padded[:6, :9] = cost
-    trace = np.asarray(jax.jit(timing.dtw_trace)(jnp.asarray(padded)[None]))
-    assert timing.backtrace(trace, 0, 6, 9).tolist() == _dtw_entries(cost)
+    trace = np.asarray(jax.jit(alignment.dtw_trace)(jnp.asarray(padded)[None]))
+    assert alignment.backtrace(trace, 0, 6, 9).tolist() == _dtw_entries(cost)
 
 
 def _median(x, frames, width):
     x = jnp.asarray(np.asarray(x, np.float32)[None])
-    return np.asarray(timing.median_filter(x, jnp.asarray([frames], jnp.int32), width))[0]
+    return np.asarray(alignment.median_filter(x, jnp.asarray([frames], jnp.int32), width))[0]
 
 
 def test_median_filter_reflects_at_the_last_valid_frame():
@@ -77,7 +77,7 @@ def test_median_filter_width_7_equals_scipy_mirror():
     from scipy.ndimage import median_filter
 
     x = np.random.default_rng(1).normal(size=(3, 40)).astype(np.float32)
-    got = np.asarray(timing.median_filter(jnp.asarray(x), jnp.asarray([40, 40, 40], jnp.int32), 7))
+    got = np.asarray(alignment.median_filter(jnp.asarray(x), jnp.asarray([40, 40, 40], jnp.int32), 7))
     np.testing.assert_array_equal(got, median_filter(x, size=(1, 7), mode="mirror"))
 
 
@@ -352,13 +352,13 @@ def test_alignment_pass_shapes_for_a_128_mel_bfloat16_model():
     heads = ((30, 2), (31, 5))
     audio = spec((batch, dims.n_audio_ctx, dims.n_audio_state), jnp.bfloat16)
     cross = jax.eval_shape(lambda p, a: module.apply({"params": p}, a, method=Whisper.cross_kv), params, audio)
-    probs, cost = timing.alignment_pass.eval_shape(
+    probs, cost = alignment.alignment_pass.eval_shape(
         module, params, cross, spec(()),
-        spec((batch, length)), spec((batch,)), spec((batch,)), spec((batch,)), spec((timing.logit_rows(batch),)), spec(()),
+        spec((batch, length)), spec((batch,)), spec((batch,)), spec((batch,)), spec((alignment.logit_rows(batch),)), spec(()),
         heads=heads, eot=50257, width=7)
-    assert probs.shape == (timing.logit_rows(batch),) and probs.dtype == jnp.float32
+    assert probs.shape == (alignment.logit_rows(batch),) and probs.dtype == jnp.float32
     assert cost.shape == (batch, length, dims.n_audio_ctx) and cost.dtype == jnp.float32
-    trace = timing.dtw_trace.eval_shape(cost)
+    trace = alignment.dtw_trace.eval_shape(cost)
     assert trace.shape == (length + dims.n_audio_ctx, batch, length + 1) and trace.dtype == jnp.int8
 
 

@@ -8,7 +8,7 @@ segment, which mapped back to the file is shown all through the audio left out (
 tests/test_batched.py). A short edge piece across a seam is already left out by
 :meth:`~whisperjax_cli.packing.Timeline.segment_to_source`; a segment with long pieces on both
 sides of a break is cut at it here: the cross-attention alignment
-(:func:`~whisperjax_cli.timing.align_tokens`) times its words, and the words on each side make a
+(:func:`~whisperjax_cli.alignment.align_tokens`) times its words, and the words on each side make a
 segment of their own. Only windows with such a segment pay for the alignment (with word
 timestamps, every window has one already).
 """
@@ -76,7 +76,7 @@ def cut_window(tokenizer, timeline: Timeline, segments: list[Segment], offset: f
       timeline: the packed audio's :class:`~whisperjax_cli.packing.Timeline`.
       segments: the window's segments in order, times in packed seconds (not mapped to the file).
       offset: packed seconds at the window's first frame.
-      entry, probs: :func:`~whisperjax_cli.timing.align_tokens`'s alignment of the text tokens of
+      entry, probs: :func:`~whisperjax_cli.alignment.align_tokens`'s alignment of the text tokens of
         all ``segments`` in order.
       language: the window's language (words of unspaced languages are characters).
       prepend, append: punctuation joined to the word after or before it, so that a cut never
