@@ -89,8 +89,9 @@ def run_vad(inputs: tuple[str, ...], fmt: str, options, batch_size: int = 16,
     found, errors = collect_inputs(inputs)
     for line in errors:
         say(line)
-    runtime.configure(compile_cache=not runtime.compile_cache_disabled())
-    programs.prefetch()
+    if found:  # JAX is started only when there is audio to run
+        runtime.configure(compile_cache=not runtime.compile_cache_disabled())
+        programs.prefetch()
     params = load_weights()
     if fmt == "tsv":
         out.write("file\tstart\tend\n")

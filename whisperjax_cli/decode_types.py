@@ -28,7 +28,7 @@ def pytree_dataclass(cls: type) -> type:
 
 
 @exportable
-@dataclasses.dataclass(frozen=True)
+@pytree_dataclass
 class DecodeInputs:
     """Everything a decode program takes that is not static: one pytree per call.
 
@@ -46,12 +46,9 @@ class DecodeInputs:
     key: Array  # PRNG key (read when sampling)
     hold: Optional[Array] = None  # int32 [batch]: see hold_end_of_text (batched mode), or None
 
-    def replace(self, **changes) -> "DecodeInputs":
-        return dataclasses.replace(self, **changes)
-
 
 @exportable
-@dataclasses.dataclass(frozen=True)
+@pytree_dataclass
 class DecodeOutput:
     tokens: Array  # int32 [batch, sample_len]: sampled tokens, end-of-text then padding
     sum_logprobs: Array  # float32 [batch]

@@ -22,7 +22,6 @@ arguments on several devices or on another device than the default, it is plain 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import inspect
@@ -88,10 +87,9 @@ def store_folder() -> Optional[Path]:
 
 
 def exportable(cls: type) -> type:
-    """Registers a dataclass whose fields are all arrays (or None) as a pytree that may cross
-    a stored program's boundary (:func:`jax.export.register_pytree_node_serialization`)."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    jax.tree_util.register_dataclass(cls, data_fields=names, meta_fields=[])
+    """Lets a pytree dataclass whose fields are all arrays (or None), registered with
+    ``jax.tree_util.register_dataclass`` (:func:`~whisperjax_cli.decode_types.pytree_dataclass`),
+    cross a stored program's boundary (:func:`jax.export.register_pytree_node_serialization`)."""
     jax.export.register_pytree_node_serialization(
         cls, serialized_name=f"{cls.__module__}.{cls.__qualname__}",
         serialize_auxdata=lambda aux: b"", deserialize_auxdata=lambda data: ())
