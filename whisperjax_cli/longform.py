@@ -34,6 +34,7 @@ from whisperjax_cli.audio import load_audio
 from whisperjax_cli.features import (FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, LogMelWindows, first_window,
                                      model_window)
 from whisperjax_cli.profile import Timings, maybe
+from whisperjax_cli.readahead import ReadAhead, next_windows
 from whisperjax_cli.packing import (Timeline, WindowCuts, chunk_timeline, frame_energy, group_windows, quiet_frames,
                                    speech_spans, vad_windows)
 from whisperjax_cli.results import Segment, Transcript
@@ -97,6 +98,9 @@ class Transcriber:
         self._vad_params = None  # Silero VAD's weights, loaded when first needed
         self._hold = self.mode == "batched"  # see _hold_index
         self._runs: list[dict] = []  # each running feed's open files, key -> FileState (read by cancel)
+        # Batched mode without the previous text knows every window before decoding any: the
+        # next step's windows are encoded on a thread while a step decodes (see readahead.py).
+        self._ahead = ReadAhead(self.decoder.encode) if self.mode == "batched" and not self.condition else None
         self._cancelled: set = set()  # keys cancel() was given, handled at the run's next turn
 
     def cancel(self, key) -> bool:
@@ -217,10 +221,18 @@ class Transcriber:
             holds.append(self._hold_index(f, s, size) if f.cuts is not None else None)
         if not streams:
             return
+        keys = [(id(s), s.seek, size) for s, size in zip(streams, sizes)]
         with maybe(self.timings, "encoder"):
-            audio = self._encode(mels, [files[s.file].take_first_audio(s, size) for s, size in zip(streams, sizes)])
+            audio, ahead = None, [None] * len(streams)
+            if self._ahead is not None:
+                audio, ahead = self._ahead.take(keys)
+            known = [files[s.file].take_first_audio(s, size) for s, size in zip(streams, sizes)]  # let go either way
+            if audio is None:
+                audio = self._encode(mels, [k if k is not None else a for k, a in zip(known, ahead)])
             if self.timings is not None:
                 audio.block_until_ready()  # else its device time lands in the decode phase
+        if self._ahead is not None:  # the next step's windows, encoded while this one decodes
+            self._ahead.start(*next_windows(files, streams, self.batch_size), after=audio)
         self.key, sub = self.key.split()
         # With word timestamps the decode hands back the audio's cross-attention keys/values: the
         # alignment pass reads them instead of computing them again.
@@ -245,7 +257,7 @@ class Transcriber:
         if len(todo) == len(mels):
             return self.decoder.encode(np.stack(mels))
         if len(mels) == 1:  # a file alone (batch bucket 1): the detection's output as it is, on the device
-            return known[0]
+            return jax.device_put(known[0])
         # Several windows (a step of many files, once per file): assembled on the host, so that no
         # program is made for each mix of shapes.
         fresh = iter(np.asarray(self.decoder.encode(np.stack(todo)))) if todo else iter(())
@@ -462,7 +474,9 @@ class Transcriber:
                 if key in files:
                     f = files.pop(key)
                     yield FileEvent(key, f.source, [], error=Cancelled(f"file {key!r} cancelled"), language=f.language)
-            while not ended and sum(not s.done for f in files.values() for s in f.streams) < self.batch_size:
+            # With read-ahead, two batches' worth are open, so that the next one can be predicted.
+            wanted = self.batch_size * (1 if self._ahead is None else 2)
+            while not ended and sum(not s.done for f in files.values() for s in f.streams) < wanted:
                 idle = not any(not s.done for f in files.values() for s in f.streams)
                 nxt = take(idle)
                 if nxt is None:
@@ -473,7 +487,8 @@ class Transcriber:
                     files[key] = self.open_file(key, source, sample_rate)
                 except Exception as err:  # noqa: BLE001 - per-file isolation; the CLI reports it
                     yield FileEvent(key, source, [], error=err)
-            active = [s for f in files.values() for s in f.streams if not s.done][: self.batch_size]
+            active = [s for f in files.values() for s in f.streams if not s.done]
+            active = (active if self._ahead is None else self._ahead.first(active))[: self.batch_size]
             if active:
                 self.step(files, active)
             for key in list(files):
