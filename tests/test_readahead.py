@@ -36,7 +36,7 @@ def test_read_ahead_hands_back_only_the_windows_it_made():
     ahead.start(streams, keys, mels)
     out, rows = ahead.take(keys)  # exactly its batch: the output itself
     assert rows == [] and np.asarray(out)[:, 0, 0].tolist() == [10, 20, 30]
-    assert calls == [("wjx-read-ahead_0", 3)]
+    assert calls == [("wjx-encode-ahead_0", 3)]
 
     ahead.start(streams, keys, mels)
     other = (id(Stream()), 0, 3000)

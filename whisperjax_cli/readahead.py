@@ -47,7 +47,7 @@ class ReadAhead:
         if not mels:
             return
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wjx-read-ahead")
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wjx-encode-ahead")
         batch = np.stack(mels)
 
         def work():
