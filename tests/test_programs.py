@@ -118,6 +118,26 @@ def test_the_decode_pytrees_cross_a_stored_program_and_are_read_ahead(store, mon
         np.testing.assert_array_equal(a, b)
 
 
+def test_each_model_has_its_own_list_of_programs_to_read_back(store, monkeypatch):
+    """A run reads back the programs the last run of the same tag (the model) began with, not
+    those of a run of another model in between."""
+    traces = []
+    inputs = DecodeInputs(np.zeros((2, 3, 4), np.float32), np.ones((2, 5), np.int32), np.zeros(2, np.int32),
+                          np.int32(1), np.zeros(7, bool), np.zeros(7, bool), np.float32(0.5), np.zeros(2, np.uint32))
+    new_process(monkeypatch)
+    programs.prefetch("tiny.en")
+    stored(decode_like, traces)(inputs)
+    tiny = files(store)
+    new_process(monkeypatch)
+    programs.prefetch("base")
+    assert not programs._READ._pending  # nothing was remembered for base
+    stored(decode_like, traces)(inputs.replace(audio=np.zeros((2, 3, 5), np.float32)))  # another program
+    assert len(files(store)) == 2 and len(files(store, programs.FIRST)) == 2
+    new_process(monkeypatch)
+    programs.prefetch("tiny.en")
+    assert list(programs._READ._pending) == tiny  # base's run did not replace tiny.en's list
+
+
 READ_BACK = """
 import sys
 import numpy as np

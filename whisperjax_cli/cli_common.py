@@ -160,7 +160,7 @@ def load_for_cli(model: str, device, dtype, threads, no_compile_cache, loader: O
         runtime.configure(device, threads, compile_cache=not runtime.compile_cache_disabled(no_compile_cache))
         from whisperjax_cli import programs
 
-        programs.prefetch()  # read back while Flax and the model are imported
+        programs.prefetch(f"{model}\0{dtype}")  # read back while Flax and the model are imported
         if timings is not None:  # imported later anyway; here its import is told apart
             import whisperjax_cli.longform  # noqa: F401
     try:

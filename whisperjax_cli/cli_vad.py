@@ -91,7 +91,7 @@ def run_vad(inputs: tuple[str, ...], fmt: str, options, batch_size: int = 16,
         say(line)
     if found:  # JAX is started only when there is audio to run
         runtime.configure(compile_cache=not runtime.compile_cache_disabled())
-        programs.prefetch()
+        programs.prefetch("vad")
     params = load_weights()
     if fmt == "tsv":
         out.write("file\tstart\tend\n")

@@ -185,6 +185,7 @@ class _Programs:
         self._pending: dict[str, Future] = {}
         self._first: list[str] = []
         self.remembered: Optional[list[str]] = None  # what the manifest held when prefetch read it
+        self.tag = ""  # what the run loads (prefetch's tag): each has its own manifest
 
     def take(self, path: Path) -> Optional[Callable]:
         """The program at ``path``: the one being read ahead (waiting for it), or read now."""
@@ -225,15 +226,20 @@ _READ = _Programs()
 
 
 def _manifest(folder: Path) -> Path:
-    return folder / f"{FIRST}{hashlib.sha256(_environment().encode()).hexdigest()[:16]}"
+    key = f"{_environment()}\0{_READ.tag}"
+    return folder / f"{FIRST}{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def prefetch() -> None:
+def prefetch(tag: str = "") -> None:
     """Starts reading back, on a background thread, the programs the last run in this compile
-    cache folder began with (nothing without a folder); a call that needs one waits for it."""
+    cache folder with the same ``tag`` began with (nothing without a folder); a call that needs
+    one waits for it. ``tag`` names what the run loads (the model as given): a run of tiny.en
+    after one of base read back base's programs, 2.3 s of loading that the run never used,
+    then loaded its own on the main thread."""
     folder = store_folder()
     if folder is None:
         return
+    _READ.tag = tag
     try:
         names = _manifest(folder).read_text().split()
     except (OSError, UnicodeDecodeError):
