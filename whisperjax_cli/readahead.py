@@ -4,7 +4,7 @@ A batch's decode loop is mostly small products and memory-bound attention to the
 2 cores it leaves a core idle much of the time, and the encoder (large bfloat16 products)
 can use it. In batched mode without the previous text, every window is known before any is
 decoded, so the windows of the next step can be predicted and encoded meanwhile: tiny.en, 8
-windows, AMD Zen 4 with 2 cores, encode 1.44 s + decode 1.84 s one after the other, 2.93 s
+windows, AMD Zen 4 with 2 cores, encode 1.47 s + decode 1.83 s one after the other, 2.93 s
 side by side (medians of 10).
 
 A prediction is checked, not trusted: each window is named by ``(stream, seek, size)``, and the
@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
-from whisperjax_cli.features import N_FRAMES, model_window
+from whisperjax_cli.features import model_window
 
 Array = jax.Array
 Key = tuple  # (id(stream), seek, size): the stream itself is held while its key is pending
@@ -112,7 +112,7 @@ def next_windows(files: dict, current: list, batch_size: int) -> tuple[list, lis
             if s.done or id(s) in skip:
                 continue
             size = f.window_size(s)
-            if f.first_audio is not None and s.seek == 0 and size == N_FRAMES:
+            if f.is_first_window(s, size):
                 continue
             streams.append(s)
             keys.append((id(s), s.seek, size))

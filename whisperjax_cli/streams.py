@@ -73,8 +73,14 @@ class FileState:
         """The encoder output language detection made of this file's first window, for the
         stream about to decode that same window (frames ``[0, N_FRAMES)``), else None. Asked
         at the file's first step, it is let go either way: no later window is that one."""
+        first = self.is_first_window(s, size)
         audio, self.first_audio = self.first_audio, None
-        return audio if s.seek == 0 and size == N_FRAMES else None
+        return audio if first else None
+
+    def is_first_window(self, s: Stream, size: int) -> bool:
+        """Whether ``s``'s window of ``size`` frames is the one language detection encoded
+        (frames ``[0, N_FRAMES)``), while its output is still held."""
+        return self.first_audio is not None and s.seek == 0 and size == N_FRAMES
 
     @property
     def duration(self) -> float:
