@@ -50,6 +50,12 @@ row's time goes (``wjx transcribe --profile``), the CPU is printed with its AVX-
 
     python bench/longform.py --whole-process --profile --model tiny.en --seeds 2
 
+``--audio FILE [--reference TEXT_FILE]`` runs the same comparison on audio of one's own instead
+of the synthesised reading (held-out speech: the figures that count are on audio no one tuned
+for); without a reference only the times are compared:
+
+    python bench/longform.py --whole-process --audio talk.flac --reference talk.txt --seeds 3
+
 With ``--no-fallback`` both sides decode at temperature 0 alone: nothing is sampled, so both
 sides repeat from pass to pass, their WER differs only where their decoding does (not by a draw),
 and the speed ratio is over the same work. The default settings (fallback on) are what the
@@ -67,6 +73,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -230,12 +237,13 @@ print(json.dumps("".join(s.text for s in segments)))
 """
 
 
-def whole_process(args, wav: Path, reference: str, duration: float) -> dict:
+def whole_process(args, wav: Path, reference: Optional[str], duration: float) -> dict:
     """``--whole-process``: wall time of fresh processes, spawn to exit, as users run them:
     ``wjx transcribe FILE -o -`` against a faster-whisper script (``WhisperModel`` or its
     ``BatchedInferencePipeline``), alternately, ``--seeds`` runs each. wjx's compile cache is
     filled by one untimed run of each row first (that cold run's time is printed); with
-    ``--profile`` every timed wjx run writes ``--profile`` and the mean of its phases is printed."""
+    ``--profile`` every timed wjx run writes ``--profile`` and the mean of its phases is printed.
+    Without a ``reference`` (``--audio`` alone) the WER columns stay empty."""
     from whisperjax_cli.hub import resolve_model
     from whisperjax_cli.profile import PHASES, cpu_description
 
@@ -293,16 +301,23 @@ def whole_process(args, wav: Path, reference: str, duration: float) -> dict:
     for name, done in runs.items():
         if not done:
             continue
-        secs, wers = [s for _, s, _ in done], [wer(reference, t) for t, _, _ in done]
-        results[name] = dict(seconds=secs, wers=wers, mean_seconds=float(np.mean(secs)), mean_wer=float(np.mean(wers)))
-        print(f"{name:14} {np.mean(secs):6.1f} [{min(secs):6.1f}, {max(secs):6.1f}] "
-              f"{np.mean(wers):6.2f} [{min(wers):6.2f}, {max(wers):6.2f}]")
+        secs = [s for _, s, _ in done]
+        results[name] = dict(seconds=secs, mean_seconds=float(np.mean(secs)))
+        line = f"{name:14} {np.mean(secs):6.1f} [{min(secs):6.1f}, {max(secs):6.1f}]"
+        if reference is not None:
+            wers = [wer(reference, t) for t, _, _ in done]
+            results[name].update(wers=wers, mean_wer=float(np.mean(wers)))
+            line += f" {np.mean(wers):6.2f} [{min(wers):6.2f}, {max(wers):6.2f}]"
+        print(line)
     for name, (_, compared) in wjx_rows.items():
         for fw_name in compared:
             ours, theirs = results[name], results[fw_name]
-            lo, hi = difference_interval(ours["wers"], theirs["wers"])
-            print(f"{name} vs {fw_name}: {theirs['mean_seconds'] / ours['mean_seconds']:.2f}x faster, WER "
-                  f"{ours['mean_wer'] - theirs['mean_wer']:+.2f} (90 % bootstrap interval [{lo:+.2f}, {hi:+.2f}])")
+            line = f"{name} vs {fw_name}: {theirs['mean_seconds'] / ours['mean_seconds']:.2f}x faster"
+            if reference is not None:
+                lo, hi = difference_interval(ours["wers"], theirs["wers"])
+                line += (f", WER {ours['mean_wer'] - theirs['mean_wer']:+.2f} (90 % bootstrap interval "
+                         f"[{lo:+.2f}, {hi:+.2f}])")
+            print(line)
     if args.profile:
         for name in wjx_rows:
             reports = [p for _, _, p in runs[name]]
@@ -338,14 +353,27 @@ def main() -> int:
                         help="time fresh processes (wjx transcribe, a faster-whisper script) spawn to exit")
     parser.add_argument("--profile", action="store_true",
                         help="with --whole-process: print where each wjx row's time goes (wjx transcribe --profile)")
+    parser.add_argument("--audio", type=Path,
+                        help="with --whole-process: time this audio file instead of the synthesised one")
+    parser.add_argument("--reference", type=Path, help="with --audio: its transcript (text), for the WER columns")
     args = parser.parse_args()
     if args.whole_process:
         OUT.mkdir(parents=True, exist_ok=True)
-        audio, reference = synthesise(OUT / "longform.wav")
-        results = whole_process(args, OUT / "longform.wav", reference, len(audio) / SR)
         suffix = "-t0" if args.no_fallback else ""
+        if args.audio is not None:  # audio of one's own (held-out speech), its transcript if any
+            from whisperjax_cli.audio import load_audio
+
+            reference = args.reference.read_text(encoding="utf-8") if args.reference is not None else None
+            wav, duration = args.audio.resolve(), len(load_audio(args.audio)) / SR
+            suffix += f"-{args.audio.stem}"
+        else:
+            audio, reference = synthesise(OUT / "longform.wav")
+            wav, duration = OUT / "longform.wav", len(audio) / SR
+        results = whole_process(args, wav, reference, duration)
         (OUT / f"longform-process-{args.model}{suffix}.json").write_text(json.dumps(results, indent=1))
         return 0
+    if args.audio is not None:
+        parser.error("--audio is for --whole-process runs")
 
     from faster_whisper import WhisperModel as FasterWhisper
 
