@@ -357,6 +357,8 @@ def main() -> int:
                         help="with --whole-process: time this audio file instead of the synthesised one")
     parser.add_argument("--reference", type=Path, help="with --audio: its transcript (text), for the WER columns")
     args = parser.parse_args()
+    if args.reference is not None and args.audio is None:
+        parser.error("--reference is the transcript of --audio")
     if args.whole_process:
         OUT.mkdir(parents=True, exist_ok=True)
         suffix = "-t0" if args.no_fallback else ""
