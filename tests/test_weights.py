@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 
 import jax
 import jax.numpy as jnp
@@ -123,24 +122,6 @@ def test_empty_directory_and_unknown_name(tmp_path):
         resolve_model("definitely-not-a-model")
 
 
-def _write_ct2(path, tensors: dict, aliases: dict):
-    """CTranslate2's model.bin layout (specs/model_spec.py ``_serialize``), for test files."""
-    ids = {np.dtype(np.float32): 0, np.dtype(np.int8): 1, np.dtype(np.int16): 2, np.dtype(np.int32): 3,
-           np.dtype(np.float16): 4}
-
-    def string(s):
-        return struct.pack("H", len(s) + 1) + s.encode() + b"\0"
-
-    out = [struct.pack("I", 6), string("WhisperSpec"), struct.pack("I", 3), struct.pack("I", len(tensors))]
-    for name, value in tensors.items():
-        value = np.array(value, order="C")  # (ascontiguousarray would make scalars 1-D)
-        out += [string(name), struct.pack("B", value.ndim), *(struct.pack("I", d) for d in value.shape),
-                struct.pack("B", ids[value.dtype]), struct.pack("I", value.nbytes), value.tobytes()]
-    out.append(struct.pack("I", len(aliases)))
-    out += [string(a) + string(t) for a, t in aliases.items()]
-    path.write_bytes(b"".join(out))
-
-
 def test_int8_ctranslate2_weights_are_dequantized_like_ctranslate2(tmp_path, tiny_en, clip_audio):
     """int8 weights (CTranslate2's per-row scale) load, and decode as CTranslate2 decodes them."""
     from faster_whisper import WhisperModel
@@ -157,7 +138,7 @@ def test_int8_ctranslate2_weights_are_dequantized_like_ctranslate2(tmp_path, tin
             quantized[name + "_scale"] = scale.astype(np.float32)
         else:
             quantized[name] = value
-    _write_ct2(tmp_path / "model.bin", quantized, aliases)
+    weights.write_ct2(tmp_path / "model.bin", quantized, aliases)
     for f in tiny_en.path.iterdir():
         if f.name != "model.bin":
             shutil.copy(f, tmp_path / f.name)

@@ -265,6 +265,27 @@ def read_ct2(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return tensors, aliases
 
 
+def write_ct2(path: Path, tensors: dict[str, np.ndarray], aliases: dict[str, str]) -> None:
+    """Writes ``tensors`` and ``aliases`` as a CTranslate2 ``model.bin`` (version 6, the layout
+    :func:`read_ct2` reads; float32, int8, int16, int32 and float16 arrays), whole or not at all.
+    For tests and benchmarks: made-up weights that both wjx and CTranslate2 load."""
+    ids = {np.dtype(t): i for i, t in _CT2_DTYPES.items() if t != "bfloat16"}
+
+    def string(s: str) -> bytes:
+        return struct.pack("H", len(s) + 1) + s.encode() + b"\0"
+
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("I", 6) + string("WhisperSpec") + struct.pack("I", 3) + struct.pack("I", len(tensors)))
+        for name, value in tensors.items():
+            value = np.array(value, order="C")  # (ascontiguousarray would make scalars 1-D)
+            f.write(string(name) + struct.pack("B", value.ndim) + b"".join(struct.pack("I", d) for d in value.shape)
+                    + struct.pack("B", ids[value.dtype]) + struct.pack("I", value.nbytes))
+            f.write(value.tobytes())
+        f.write(struct.pack("I", len(aliases)) + b"".join(string(a) + string(t) for a, t in aliases.items()))
+    tmp.replace(path)
+
+
 def _map_file(path: Path) -> memoryview:
     """The file's bytes, memory-mapped read-only (tensors are views: no 75+ MB copy at load)."""
     import mmap

@@ -1,0 +1,163 @@
+"""Per-window costs by model size: wjx against CTranslate2 (faster-whisper's engine), same weights.
+
+Whisper's larger sizes are timed with random weights in their official dimensions (``small``:
+768 wide, 12 + 12 layers; ``medium``: 1024, 24 + 24), written once as a CTranslate2 ``model.bin``
+under ``bench/out/random-<size>/`` with base's vocabulary and tokenizer, so that both engines
+load the very same file. Real models (``tiny.en``, ``base``) can be given too, as the anchor.
+
+Both sides in float32 on this process's cores, from the same encoder input, steady state (best
+of ``--repeats`` after a warm-up call):
+
+* encoder: one 30 s window;
+* greedy: one window, ``--steps`` tokens (end-of-text suppressed on both sides, without
+  timestamps, so each decodes exactly that many; wjx's loop stop off), ms per token;
+* beam 5: the same, ms per step of 5 beams;
+* batch 8: eight windows greedily side by side, ms per step of 8 rows.
+
+Random weights make random text, so these are the costs of the loop's parts, not of a
+transcription (``bench/longform.py`` times those); the tokens both sides chose are compared
+for what it is worth (near-ties are common with random weights).
+
+    python bench/sizes.py --models tiny.en base small --steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+# Official dimensions (OpenAI's whisper/__init__.py): width, heads, layers (encoder = decoder).
+SIZES = {"small": (768, 12, 12), "medium": (1024, 16, 24)}
+
+
+def random_model(size: str) -> Path:
+    """``bench/out/random-<size>/``: base's tensors, names and files, in ``size``'s dimensions,
+    random float16 weights (N(0, 0.02) matrices, unit layer-norm gains, zero biases)."""
+    from whisperjax_cli import weights
+    from whisperjax_cli.hub import resolve_model
+
+    width, heads, layers = SIZES[size]
+    folder = OUT / f"random-{size}"
+    if (folder / "model.bin").exists():
+        return folder
+    base = resolve_model("base")
+    tensors, aliases = weights.read_ct2(base / "model.bin")
+    old = tensors["encoder/position_encodings/encodings"].shape[1]  # base's width, 512
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, value in tensors.items():
+        match = re.match(r"(encoder|decoder)/layer_(\d+)/(.*)", name)
+        if match and int(match.group(2)) != 0:
+            continue  # layer 0 stands for every layer below
+        copies = [name] if not match else [f"{match.group(1)}/layer_{i}/{match.group(3)}" for i in range(layers)]
+        for target in copies:
+            if name.endswith("num_heads"):
+                out[target] = np.array(heads, value.dtype)
+            elif value.dtype != np.float16:
+                out[target] = value  # flags and alignment settings: as base's
+            else:
+                shape = tuple(d * width // old if d % old == 0 else d for d in value.shape)
+                if name.endswith(("gamma",)):
+                    out[target] = np.ones(shape, np.float16)
+                elif name.endswith(("beta", "bias")):
+                    out[target] = np.zeros(shape, np.float16)
+                else:
+                    out[target] = (rng.standard_normal(shape, np.float32) * 0.02).astype(np.float16)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in base.iterdir():
+        if f.name != "model.bin":
+            shutil.copy(f, folder / f.name)
+    weights.write_ct2(folder / "model.bin", out, aliases)
+    return folder
+
+
+def best_of(fn, repeats: int) -> tuple[float, object]:
+    result = fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["tiny.en", "base", "small"],
+                        help="bundled names (real weights) or small / medium (random weights)")
+    parser.add_argument("--steps", type=int, default=100, help="tokens decoded per window")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+
+    from whisperjax_cli import runtime
+
+    runtime.configure("cpu", args.threads)
+    import ctranslate2
+    import jax
+
+    from whisperjax_cli.decoding import encode
+    from whisperjax_cli.hub import resolve_model
+    from whisperjax_cli.loading import load_model
+    from whisperjax_cli.options import TranscribeOptions
+    from whisperjax_cli.profile import cpu_description
+    from whisperjax_cli.window_decoder import WindowDecoder
+
+    print(cpu_description(), f"{args.threads} threads, float32, {args.steps} tokens a window", flush=True)
+    print(f"{'model':8} {'part':26} {'CTranslate2':>12} {'wjx':>10} {'wjx / CT2':>10}  tokens equal")
+    for name in args.models:
+        path = random_model(name) if name in SIZES else resolve_model(name)
+        model = load_model(str(path), dtype="float32")
+        tok = model.tokenizer
+        prompt = list(tok.sot_sequence_for("en" if model.dims.is_multilingual else None, "transcribe"))
+        prompt.append(tok.no_timestamps)
+        ct2 = ctranslate2.models.Whisper(str(path), device="cpu", compute_type="float32", intra_threads=args.threads)
+        rng = np.random.default_rng(0)
+        mels = (rng.standard_normal((8, 3000, model.dims.n_mels)) * 0.5).astype(np.float32)
+        features = ctranslate2.StorageView.from_array(np.ascontiguousarray(mels.transpose(0, 2, 1)))
+        label = name + (" (random)" if name in SIZES else "")
+
+        def row(part: str, theirs: float, ours: float, unit: float = 1.0, equal: str = "") -> None:
+            print(f"{label:8} {part:26} {theirs / unit * 1000:9.1f} ms {ours / unit * 1000:7.1f} ms "
+                  f"{ours / theirs:10.2f}  {equal}", flush=True)
+
+        one = ctranslate2.StorageView.from_array(np.ascontiguousarray(mels[:1].transpose(0, 2, 1)))
+        theirs, _ = best_of(lambda: ct2.encode(one, to_cpu=True), args.repeats)
+        ours, _ = best_of(lambda: encode(model.module, model.params, mels[:1], np.int32(1)).block_until_ready(),
+                          args.repeats)
+        row("encoder, 1 window", theirs, ours)
+
+        encoded = np.asarray(ct2.encode(features, to_cpu=True))
+        for part, beam, n in (("greedy, 1 window", None, 1), ("beam 5, 1 window", 5, 1), ("greedy, 8 windows", None, 8)):
+            opts = TranscribeOptions(temperature=(0.0,), without_timestamps=True, beam_size=beam, sample_len=args.steps,
+                                     suppress_tokens=f"-1,{tok.eot}", suppress_blank=False, stop_loops=False)
+            decoder = WindowDecoder(model, opts)
+            audio = jax.block_until_ready(jax.numpy.asarray(encoded[:n]))
+            run_ours = lambda: decoder.decode(audio, n, [prompt] * n, len(prompt), None)  # noqa: E731
+            source = ctranslate2.StorageView.from_array(np.ascontiguousarray(encoded[:n]))
+            run_theirs = lambda: ct2.generate(  # noqa: E731
+                source, [prompt] * n, beam_size=beam or 1, max_length=2 * args.steps,  # CTranslate2 decodes half of it
+                suppress_tokens=[-1, tok.eot], suppress_blank=False)
+            t_theirs, r_theirs = best_of(run_theirs, args.repeats)
+            t_ours, r_ours = best_of(run_ours, args.repeats)
+            mine = [list(r.tokens) for r in r_ours]
+            other = [[t for t in r.sequences_ids[0]] for r in r_theirs]
+            lengths = {len(t) for t in mine} | {len(t) for t in other}
+            if lengths != {args.steps}:
+                print(f"  (decoded lengths {sorted(lengths)}, not {args.steps} each: per-token figures are off)")
+            same = sum(a == b for a, b in zip(mine, other))
+            row(part + " / token", t_theirs, t_ours, args.steps, f"{same}/{n}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
