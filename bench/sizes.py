@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import sys
 import time
@@ -40,8 +39,8 @@ SIZES = {"small": (768, 12, 12), "medium": (1024, 16, 24)}
 
 
 def random_model(size: str) -> Path:
-    """``bench/out/random-<size>/``: base's tensors, names and files, in ``size``'s dimensions,
-    random float16 weights (N(0, 0.02) matrices, unit layer-norm gains, zero biases)."""
+    """``bench/out/random-<size>/``: base's files with a model.bin of ``size``'s dimensions and
+    random weights (:func:`~whisperjax_cli.weights.random_ct2`), made once."""
     from whisperjax_cli import weights
     from whisperjax_cli.hub import resolve_model
 
@@ -50,33 +49,11 @@ def random_model(size: str) -> Path:
     if (folder / "model.bin").exists():
         return folder
     base = resolve_model("base")
-    tensors, aliases = weights.read_ct2(base / "model.bin")
-    old = tensors["encoder/position_encodings/encodings"].shape[1]  # base's width, 512
-    rng = np.random.default_rng(0)
-    out = {}
-    for name, value in tensors.items():
-        match = re.match(r"(encoder|decoder)/layer_(\d+)/(.*)", name)
-        if match and int(match.group(2)) != 0:
-            continue  # layer 0 stands for every layer below
-        copies = [name] if not match else [f"{match.group(1)}/layer_{i}/{match.group(3)}" for i in range(layers)]
-        for target in copies:
-            if name.endswith("num_heads"):
-                out[target] = np.array(heads, value.dtype)
-            elif value.dtype != np.float16:
-                out[target] = value  # flags and alignment settings: as base's
-            else:
-                shape = tuple(d * width // old if d % old == 0 else d for d in value.shape)
-                if name.endswith(("gamma",)):
-                    out[target] = np.ones(shape, np.float16)
-                elif name.endswith(("beta", "bias")):
-                    out[target] = np.zeros(shape, np.float16)
-                else:
-                    out[target] = (rng.standard_normal(shape, np.float32) * 0.02).astype(np.float16)
     folder.mkdir(parents=True, exist_ok=True)
     for f in base.iterdir():
         if f.name != "model.bin":
             shutil.copy(f, folder / f.name)
-    weights.write_ct2(folder / "model.bin", out, aliases)
+    weights.write_ct2(folder / "model.bin", *weights.random_ct2(base / "model.bin", width, heads, (layers, layers)))
     return folder
 
 

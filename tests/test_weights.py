@@ -152,3 +152,46 @@ def test_int8_ctranslate2_weights_are_dequantized_like_ctranslate2(tmp_path, tin
     theirs = [t for s in segs for t in s.tokens]
     got = [t for s in transcribe(ours, audio, temperature=0.0, without_timestamps=True).segments for t in s.tokens]
     assert got == theirs and len(got) > 3
+
+
+def test_shapes_not_bundled_decode_as_ctranslate2(tmp_path, clip_audio):
+    """A CTranslate2 model in shapes the bundled ones lack (random weights, weights.random_ct2):
+    large-v3's 128 mel bins, a distil-whisper-like decoder of 2 blocks under an encoder of 4,
+    6 heads 32 wide. wjx reads it, encodes the same log-mel as CTranslate2 does and then greedily
+    decodes the same 40 tokens (end-of-text suppressed on both sides, so both decode them all;
+    with the two decoder blocks swapped, the tokens differ)."""
+    import ctranslate2
+
+    from whisperjax_cli.decoding import encode
+    from whisperjax_cli.features import N_FRAMES, log_mel_spectrogram, pad_or_trim
+    from whisperjax_cli.options import TranscribeOptions
+    from whisperjax_cli.window_decoder import WindowDecoder
+
+    like = resolve_model("base")
+    # weights N(0, 0.2): with 0.02 the decoder repeats one token, which would prove little
+    made = weights.random_ct2(like / "model.bin", 192, 6, (4, 2), n_mels=128, scale=0.2)
+    weights.write_ct2(tmp_path / "model.bin", *made)
+    for f in like.iterdir():
+        if f.name != "model.bin":
+            shutil.copy(f, tmp_path / f.name)
+    model = load_model(str(tmp_path), dtype="float32")
+    d = model.dims
+    assert (d.n_mels, d.n_audio_state, d.n_audio_head, d.n_audio_layer, d.n_text_layer) == (128, 192, 6, 4, 2)
+
+    mel = pad_or_trim(np.asarray(log_mel_spectrogram(clip_audio["goforward.flac"], n_mels=128)), N_FRAMES)
+    ct2 = ctranslate2.models.Whisper(str(tmp_path), device="cpu", compute_type="float32")
+    features = ctranslate2.StorageView.from_array(np.ascontiguousarray(mel.T[None]))
+    theirs_audio = np.asarray(ct2.encode(features, to_cpu=True))
+    ours_audio = encode(model.module, model.params, mel[None], np.int32(1))
+    np.testing.assert_allclose(np.asarray(ours_audio), theirs_audio, atol=2e-4, rtol=0)
+
+    tok = model.tokenizer
+    prompt = [*tok.sot_sequence_for("en", "transcribe"), tok.no_timestamps]
+    steps = 40
+    theirs = ct2.generate(features, [prompt], beam_size=1, max_length=2 * steps,  # CTranslate2 decodes half of it
+                          suppress_tokens=[-1, tok.eot], suppress_blank=False)[0].sequences_ids[0]
+    opts = TranscribeOptions(temperature=(0.0,), without_timestamps=True, sample_len=steps,
+                             suppress_tokens=f"-1,{tok.eot}", suppress_blank=False, stop_loops=False)
+    ours = WindowDecoder(model, opts).decode(ours_audio, 1, [prompt], len(prompt), None)[0].tokens
+    assert len(theirs) == steps and len(set(theirs)) > steps // 2  # varied text, not one token over and over
+    assert list(ours) == list(theirs)

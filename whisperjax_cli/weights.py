@@ -15,7 +15,7 @@ import json
 import re
 import struct
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -284,6 +284,42 @@ def write_ct2(path: Path, tensors: dict[str, np.ndarray], aliases: dict[str, str
             f.write(value.tobytes())
         f.write(struct.pack("I", len(aliases)) + b"".join(string(a) + string(t) for a, t in aliases.items()))
     tmp.replace(path)
+
+
+def random_ct2(like: Path, width: int, heads: int, layers: tuple[int, int], n_mels: Optional[int] = None,
+               seed: int = 0, scale: float = 0.02) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Made-up CTranslate2 variables in the layout of the model.bin at ``like``, for
+    :func:`write_ct2`: ``width`` wide with ``heads`` heads, ``layers`` (encoder, decoder) blocks,
+    ``n_mels`` mel bins (``like``'s when None); the vocabulary and context lengths stay
+    ``like``'s. Weights N(0, ``scale``), layer-norm gains 1, biases 0, all float16 (as CTranslate2
+    converts); ``like``'s flags and alignment settings are kept. For tests and benchmarks (model
+    sizes and shapes that are not at hand)."""
+    tensors, aliases = read_ct2(like)
+    old = tensors["encoder/position_encodings/encodings"].shape[1]  # like's width
+    old_mels = tensors["encoder/conv1/weight"].shape[1]
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, value in tensors.items():
+        match = re.match(r"(encoder|decoder)/layer_(\d+)/(.*)", name)
+        if match and int(match.group(2)) != 0:
+            continue  # layer 0 stands for every layer made below
+        count = layers[match.group(1) == "decoder"] if match else 1
+        targets = [name] if not match else [f"{match.group(1)}/layer_{i}/{match.group(3)}" for i in range(count)]
+        shape = tuple(d * width // old if d % old == 0 else d for d in value.shape)
+        if name == "encoder/conv1/weight" and n_mels is not None:
+            shape = (shape[0], n_mels, shape[2]) if value.shape[1] == old_mels else shape
+        for target in targets:
+            if name.endswith("num_heads"):
+                out[target] = np.array(heads, value.dtype)
+            elif value.dtype not in (np.float16, np.float32):
+                out[target] = value
+            elif name.endswith("gamma"):
+                out[target] = np.ones(shape, np.float16)
+            elif name.endswith(("beta", "bias")):
+                out[target] = np.zeros(shape, np.float16)
+            else:
+                out[target] = (rng.standard_normal(shape, np.float32) * scale).astype(np.float16)
+    return out, aliases
 
 
 def _map_file(path: Path) -> memoryview:
