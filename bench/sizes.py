@@ -2,7 +2,7 @@
 
 Whisper's larger sizes are timed with random weights in their official dimensions (``small``:
 768 wide, 12 + 12 layers; ``medium``: 1024, 24 + 24), written once as a CTranslate2 ``model.bin``
-under ``bench/out/random-<size>/`` with base's vocabulary and tokenizer, so that both engines
+under ``bench/out/random-<size>-<scale>/`` with base's vocabulary and tokenizer, so that both engines
 load the very same file. Real models (``tiny.en``, ``base``) can be given too, as the anchor.
 
 Both sides in float32 on this process's cores, from the same encoder input, steady state (best
@@ -13,6 +13,10 @@ of ``--repeats`` after a warm-up call):
   timestamps, so each decodes exactly that many; wjx's loop stop off), ms per token;
 * beam 5: the same, ms per step of 5 beams;
 * batch 8: eight windows greedily side by side, ms per step of 8 rows.
+
+Where the CPU has bfloat16 dot instructions, the encoder and the 8-row decode are timed once
+more with wjx in mixed precision, as ``wjx transcribe --mode batched`` runs them there
+(CTranslate2 still float32, the dtype issue #24 compares against).
 
 Random weights make random text, so these are the costs of the loop's parts, not of a
 transcription (``bench/longform.py`` times those); the tokens both sides chose are compared
@@ -36,16 +40,17 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 # Official dimensions (OpenAI's whisper/__init__.py): width, heads, layers (encoder = decoder).
 SIZES = {"small": (768, 12, 12), "medium": (1024, 16, 24)}
+SCALE = 0.2  # the weights' standard deviation: with 0.02 the decoder writes one token over and over
 
 
 def random_model(size: str) -> Path:
-    """``bench/out/random-<size>/``: base's files with a model.bin of ``size``'s dimensions and
+    """``bench/out/random-<size>-<scale>/``: base's files with a model.bin of ``size``'s dimensions and
     random weights (:func:`~whisperjax_cli.weights.random_ct2`), made once."""
     from whisperjax_cli import weights
     from whisperjax_cli.hub import resolve_model
 
     width, heads, layers = SIZES[size]
-    folder = OUT / f"random-{size}"
+    folder = OUT / f"random-{size}-{SCALE}"
     if (folder / "model.bin").exists():
         return folder
     base = resolve_model("base")
@@ -53,7 +58,8 @@ def random_model(size: str) -> Path:
     for f in base.iterdir():
         if f.name != "model.bin":
             shutil.copy(f, folder / f.name)
-    weights.write_ct2(folder / "model.bin", *weights.random_ct2(base / "model.bin", width, heads, (layers, layers)))
+    made = weights.random_ct2(base / "model.bin", width, heads, (layers, layers), scale=SCALE)
+    weights.write_ct2(folder / "model.bin", *made)
     return folder
 
 
@@ -84,13 +90,13 @@ def main() -> int:
 
     from whisperjax_cli.decoding import encode
     from whisperjax_cli.hub import resolve_model
-    from whisperjax_cli.loading import load_model
+    from whisperjax_cli.loading import cpu_has_bfloat16_dot, load_model
     from whisperjax_cli.options import TranscribeOptions
     from whisperjax_cli.profile import cpu_description
     from whisperjax_cli.window_decoder import WindowDecoder
 
     print(cpu_description(), f"{args.threads} threads, float32, {args.steps} tokens a window", flush=True)
-    print(f"{'model':8} {'part':26} {'CTranslate2':>12} {'wjx':>10} {'wjx / CT2':>10}  tokens equal")
+    print(f"{'model':8} {'part':36} {'CTranslate2':>12} {'wjx':>10} {'wjx / CT2':>10}  tokens equal")
     for name in args.models:
         path = random_model(name) if name in SIZES else resolve_model(name)
         model = load_model(str(path), dtype="float32")
@@ -104,7 +110,7 @@ def main() -> int:
         label = name + (" (random)" if name in SIZES else "")
 
         def row(part: str, theirs: float, ours: float, unit: float = 1.0, equal: str = "") -> None:
-            print(f"{label:8} {part:26} {theirs / unit * 1000:9.1f} ms {ours / unit * 1000:7.1f} ms "
+            print(f"{label:8} {part:36} {theirs / unit * 1000:9.1f} ms {ours / unit * 1000:7.1f} ms "
                   f"{ours / theirs:10.2f}  {equal}", flush=True)
 
         one = ctranslate2.StorageView.from_array(np.ascontiguousarray(mels[:1].transpose(0, 2, 1)))
@@ -112,6 +118,12 @@ def main() -> int:
         ours, _ = best_of(lambda: encode(model.module, model.params, mels[:1], np.int32(1)).block_until_ready(),
                           args.repeats)
         row("encoder, 1 window", theirs, ours)
+        # On a CPU with bfloat16 dot instructions batched mode runs in mixed precision (load_model's "mixed").
+        mixed = load_model(str(path), dtype="mixed") if cpu_has_bfloat16_dot() else None
+        if mixed is not None:
+            ours, _ = best_of(lambda: encode(mixed.module, mixed.params, mels[:1], np.int32(1)).block_until_ready(),
+                              args.repeats)
+            row("encoder, 1 window (wjx mixed)", theirs, ours)
 
         encoded = np.asarray(ct2.encode(features, to_cpu=True))
         for part, beam, n in (("greedy, 1 window", None, 1), ("beam 5, 1 window", 5, 1), ("greedy, 8 windows", None, 8)):
@@ -133,6 +145,10 @@ def main() -> int:
                 print(f"  (decoded lengths {sorted(lengths)}, not {args.steps} each: per-token figures are off)")
             same = sum(a == b for a, b in zip(mine, other))
             row(part + " / token", t_theirs, t_ours, args.steps, f"{same}/{n}")
+            if n == 8 and mixed is not None:  # what `wjx transcribe --mode batched` runs on this CPU
+                decoder = WindowDecoder(mixed, opts)
+                t_mixed, _ = best_of(run_ours, args.repeats)
+                row(part + " / token (wjx mixed)", t_theirs, t_mixed, args.steps)
     return 0
 
 
