@@ -295,8 +295,7 @@ def random_ct2(like: Path, width: int, heads: int, layers: tuple[int, int], n_me
     converts); ``like``'s flags and alignment settings are kept. For tests and benchmarks (model
     sizes and shapes that are not at hand)."""
     tensors, aliases = read_ct2(like)
-    old = tensors["encoder/position_encodings/encodings"].shape[1]  # like's width
-    old_mels = tensors["encoder/conv1/weight"].shape[1]
+    old = tensors["encoder/position_encodings/encodings"].shape[1]  # like's width: every multiple of it scales
     rng = np.random.default_rng(seed)
     out = {}
     for name, value in tensors.items():
@@ -306,8 +305,8 @@ def random_ct2(like: Path, width: int, heads: int, layers: tuple[int, int], n_me
         count = layers[match.group(1) == "decoder"] if match else 1
         targets = [name] if not match else [f"{match.group(1)}/layer_{i}/{match.group(3)}" for i in range(count)]
         shape = tuple(d * width // old if d % old == 0 else d for d in value.shape)
-        if name == "encoder/conv1/weight" and n_mels is not None:
-            shape = (shape[0], n_mels, shape[2]) if value.shape[1] == old_mels else shape
+        if name == "encoder/conv1/weight" and n_mels is not None:  # [width, n_mels, 3]
+            shape = (shape[0], n_mels, shape[2])
         for target in targets:
             if name.endswith("num_heads"):
                 out[target] = np.array(heads, value.dtype)
