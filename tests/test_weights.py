@@ -167,13 +167,8 @@ def test_shapes_not_bundled_decode_as_ctranslate2(tmp_path, clip_audio):
     from whisperjax_cli.options import TranscribeOptions
     from whisperjax_cli.window_decoder import WindowDecoder
 
-    like = resolve_model("base")
     # weights N(0, 0.2): with 0.02 the decoder repeats one token, which would prove little
-    made = weights.random_ct2(like / "model.bin", 192, 6, (4, 2), n_mels=128, scale=0.2)
-    weights.write_ct2(tmp_path / "model.bin", *made)
-    for f in like.iterdir():
-        if f.name != "model.bin":
-            shutil.copy(f, tmp_path / f.name)
+    weights.random_ct2(resolve_model("base"), tmp_path, 192, 6, (4, 2), n_mels=128, scale=0.2)
     model = load_model(str(tmp_path), dtype="float32")
     d = model.dims
     assert (d.n_mels, d.n_audio_state, d.n_audio_head, d.n_audio_layer, d.n_text_layer) == (128, 192, 6, 4, 2)

@@ -286,15 +286,17 @@ def write_ct2(path: Path, tensors: dict[str, np.ndarray], aliases: dict[str, str
     tmp.replace(path)
 
 
-def random_ct2(like: Path, width: int, heads: int, layers: tuple[int, int], n_mels: Optional[int] = None,
-               seed: int = 0, scale: float = 0.02) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Made-up CTranslate2 variables in the layout of the model.bin at ``like``, for
-    :func:`write_ct2`: ``width`` wide with ``heads`` heads, ``layers`` (encoder, decoder) blocks,
-    ``n_mels`` mel bins (``like``'s when None); the vocabulary and context lengths stay
-    ``like``'s. Weights N(0, ``scale``), layer-norm gains 1, biases 0, all float16 (as CTranslate2
-    converts); ``like``'s flags and alignment settings are kept. For tests and benchmarks (model
-    sizes and shapes that are not at hand)."""
-    tensors, aliases = read_ct2(like)
+def random_ct2(like: Path, folder: Path, width: int, heads: int, layers: tuple[int, int],
+               n_mels: Optional[int] = None, seed: int = 0, scale: float = 0.02) -> Path:
+    """Writes into ``folder`` a CTranslate2 model made up in the layout of the one in folder
+    ``like`` and returns ``folder``: ``width`` wide with ``heads`` heads, ``layers`` (encoder,
+    decoder) blocks, ``n_mels`` mel bins (``like``'s when None); the vocabulary, context lengths,
+    tokenizer and config files stay ``like``'s. Weights N(0, ``scale``), layer-norm gains 1, biases
+    0, all float16 (as CTranslate2 converts); ``like``'s flags and alignment settings are kept.
+    For tests and benchmarks (model sizes and shapes that are not at hand)."""
+    import shutil
+
+    tensors, aliases = read_ct2(like / "model.bin")
     old = tensors["encoder/position_encodings/encodings"].shape[1]  # like's width: every multiple of it scales
     rng = np.random.default_rng(seed)
     out = {}
@@ -318,7 +320,12 @@ def random_ct2(like: Path, width: int, heads: int, layers: tuple[int, int], n_me
                 out[target] = np.zeros(shape, np.float16)
             else:
                 out[target] = (rng.standard_normal(shape, np.float32) * scale).astype(np.float16)
-    return out, aliases
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in like.iterdir():
+        if f.is_file() and f.name != "model.bin":
+            shutil.copy(f, folder / f.name)
+    write_ct2(folder / "model.bin", out, aliases)
+    return folder
 
 
 def _map_file(path: Path) -> memoryview:
