@@ -19,8 +19,9 @@ more with wjx in mixed precision, as ``wjx transcribe --mode batched`` runs them
 (CTranslate2 still float32, the dtype issue #24 compares against).
 
 Random weights make random text, so these are the costs of the loop's parts, not of a
-transcription (``bench/longform.py`` times those); the tokens both sides chose are compared
-for what it is worth (near-ties are common with random weights).
+transcription (``bench/longform.py`` times those). The tokens both sides chose are compared;
+where a row differs, the step where it first does is printed, for greedy rows with how far
+apart CTranslate2's own logits put the two choices there (a near-tie, or not).
 
     python bench/sizes.py --models tiny.en base small --steps 100
 """
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -53,14 +53,25 @@ def random_model(size: str) -> Path:
     folder = OUT / f"random-{size}-{SCALE}"
     if (folder / "model.bin").exists():
         return folder
-    base = resolve_model("base")
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in base.iterdir():
-        if f.name != "model.bin":
-            shutil.copy(f, folder / f.name)
-    made = weights.random_ct2(base / "model.bin", width, heads, (layers, layers), scale=SCALE)
-    weights.write_ct2(folder / "model.bin", *made)
-    return folder
+    return weights.random_ct2(resolve_model("base"), folder, width, heads, (layers, layers), scale=SCALE)
+
+
+def differences(mine: list[list[int]], other: list[list[int]], logits=None) -> list[str]:
+    """Where each row's tokens first differ from CTranslate2's, and with its per-step
+    ``logits`` (``return_logits_vocab``) how near a tie that step was for CTranslate2."""
+    notes = []
+    for row, (a, b) in enumerate(zip(mine, other)):
+        step = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if step is None:
+            continue
+        note = f"row {row}: first differs at token {step + 1} of {len(b)} (wjx {a[step]}, CTranslate2 {b[step]})"
+        if logits is not None:
+            values = np.asarray(logits[row][0][step], np.float64)
+            ranked = np.sort(values)[::-1]
+            note += (f"; CTranslate2's logits there: {values[b[step]]:.4f} against wjx's choice {values[a[step]]:.4f}, "
+                     f"its two best {ranked[0] - ranked[1]:.1e} apart, its ten best {ranked[0] - ranked[9]:.2f}")
+        notes.append(note)
+    return notes
 
 
 def best_of(fn, repeats: int) -> tuple[float, object]:
@@ -129,25 +140,33 @@ def main() -> int:
         for part, beam, n in (("greedy, 1 window", None, 1), ("beam 5, 1 window", 5, 1), ("greedy, 8 windows", None, 8)):
             opts = TranscribeOptions(temperature=(0.0,), without_timestamps=True, beam_size=beam, sample_len=args.steps,
                                      suppress_tokens=f"-1,{tok.eot}", suppress_blank=False, stop_loops=False)
-            decoder = WindowDecoder(model, opts)
             audio = jax.block_until_ready(jax.numpy.asarray(encoded[:n]))
-            run_ours = lambda: decoder.decode(audio, n, [prompt] * n, len(prompt), None)  # noqa: E731
             source = ctranslate2.StorageView.from_array(np.ascontiguousarray(encoded[:n]))
-            run_theirs = lambda: ct2.generate(  # noqa: E731
-                source, [prompt] * n, beam_size=beam or 1, max_length=2 * args.steps,  # CTranslate2 decodes half of it
-                suppress_tokens=[-1, tok.eot], suppress_blank=False)
+
+            def run_ours(decoder=WindowDecoder(model, opts)):
+                return decoder.decode(audio, n, [prompt] * n, len(prompt), None)
+
+            def run_theirs(logits: bool = False):
+                return ct2.generate(source, [prompt] * n, beam_size=beam or 1,
+                                    max_length=2 * args.steps,  # CTranslate2 decodes half of it
+                                    suppress_tokens=[-1, tok.eot], suppress_blank=False, return_logits_vocab=logits)
+
             t_theirs, r_theirs = best_of(run_theirs, args.repeats)
             t_ours, r_ours = best_of(run_ours, args.repeats)
             mine = [list(r.tokens) for r in r_ours]
-            other = [[t for t in r.sequences_ids[0]] for r in r_theirs]
+            other = [list(r.sequences_ids[0]) for r in r_theirs]
             lengths = {len(t) for t in mine} | {len(t) for t in other}
             if lengths != {args.steps}:
                 print(f"  (decoded lengths {sorted(lengths)}, not {args.steps} each: per-token figures are off)")
             same = sum(a == b for a, b in zip(mine, other))
             row(part + " / token", t_theirs, t_ours, args.steps, f"{same}/{n}")
+            if same < n:  # untimed: how near a tie each first difference was (greedy: one hypothesis a row)
+                logits = [r.logits for r in run_theirs(logits=True)] if not beam else None
+                for note in differences(mine, other, logits):
+                    print("   ", note)
             if n == 8 and mixed is not None:  # what `wjx transcribe --mode batched` runs on this CPU
-                decoder = WindowDecoder(mixed, opts)
-                t_mixed, _ = best_of(run_ours, args.repeats)
+                mixed_decoder = WindowDecoder(mixed, opts)
+                t_mixed, _ = best_of(lambda: run_ours(mixed_decoder), args.repeats)
                 row(part + " / token (wjx mixed)", t_theirs, t_mixed, args.steps)
     return 0
 
