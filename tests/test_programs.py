@@ -171,3 +171,35 @@ def test_lapack_is_set_up_only_for_a_program_that_calls_it(tmp_path):
     made, read = (r.stdout.splitlines() for r in runs)
     assert made[1] == read[1] == "[1.0, 2.0, 3.0]"
     assert read[0] == "[1.0, 3.0, 5.0] False"  # the first process traced (and imported SciPy) alike
+
+
+def few_rows_product(x, w):
+    return x @ w
+
+
+@pytest.mark.parametrize("flags, expect_ynn", [({"avx2"}, False), ({"avx2", "avx512f"}, True)])
+def test_decode_programs_compile_without_ynnpack_on_a_cpu_without_avx512(store, monkeypatch, flags, expect_ynn):
+    # YNNPACK's few-row kernel ran a beam-5 or 8-row decode step of base 15-30 % slower than
+    # XLA's own kernels on an AVX2-only CPU (AMD EPYC Zen 3); runtime.program_options turns
+    # it off there for the decode programs alone, in every way a program is compiled.
+    from whisperjax_cli import runtime
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
+    assert runtime.program_options("beam_search_window", "cpu") == ({} if expect_ynn else {runtime.YNN_FUSIONS: ""})
+    assert runtime.program_options("encode", "cpu") == {}
+    assert runtime.program_options("decode_window", "gpu") == {}
+    x, w = np.ones((5, 512), np.float32), np.ones((512, 1024), np.float32)
+
+    def texts(name):
+        fn = lambda x, w: few_rows_product(x, w)  # noqa: E731
+        fn.__name__ = name
+        made = programs.StoredJit(fn, ())
+        np.testing.assert_array_equal(made(x, w), x @ w)  # made and stored
+        new_process(monkeypatch)
+        again = programs.StoredJit(fn, ())
+        np.testing.assert_array_equal(again(x, w), x @ w)  # read back and compiled
+        plain = made._jit.lower(x, w).compile()  # no folder: plain jax.jit
+        return [p.as_text() for p in (*made._programs.values(), *again._programs.values(), plain)]
+
+    for name, ynn in (("encode", True), ("decode_window", expect_ynn)):
+        assert ["__ynn_fusion" in text for text in texts(name)] == [ynn] * 3, name

@@ -141,15 +141,9 @@ MIXED = "mixed"  # float32 compute, bfloat16 weights and products where they pay
 def cpu_has_bfloat16_dot() -> bool:
     """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX-BF16), where
     XLA runs a bfloat16 GEMM about twice as fast as a float32 one (without them it is slower)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
+    from whisperjax_cli.runtime import cpu_flags
+
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def throughput_dtype(device: Optional[str] = None) -> Optional[str]:

@@ -156,8 +156,10 @@ def cpu_description() -> str:
             lines = f.read().splitlines()
     except OSError:
         return "CPU: unknown (no /proc/cpuinfo)"
+    from whisperjax_cli.runtime import cpu_flags
+
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    flags = cpu_flags()
     marks = " ".join(f"{name}={'yes' if name in flags else 'no'}"
                      for name in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

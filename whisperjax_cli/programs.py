@@ -147,6 +147,14 @@ def _lapack_on_demand() -> None:
     _export._ensure_backends_initialized = ensure
 
 
+def _options(name: str) -> Optional[dict]:
+    """XLA options for the program ``name`` on this process's device and CPU
+    (:func:`~whisperjax_cli.runtime.program_options`); None for XLA's defaults."""
+    from whisperjax_cli.runtime import default_device, program_options
+
+    return program_options(name, default_device().platform) or None
+
+
 def _compile(exported: jax.export.Exported) -> Callable:
     """The exported program compiled for this process (the persistent cache serves it when warm)."""
     specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in exported.in_avals]
@@ -159,7 +167,7 @@ def _compile(exported: jax.export.Exported) -> Callable:
     _lapack_on_demand()
     _SKIP_LAPACK.on = b"lapack" not in bytes(exported.mlir_module_serialized)
     try:
-        return jax.jit(call).lower(*args, **kwargs).compile()
+        return jax.jit(call, compiler_options=_options(exported.fun_name)).lower(*args, **kwargs).compile()
     finally:
         _SKIP_LAPACK.on = False
 
@@ -255,11 +263,23 @@ class StoredJit:
 
     def __init__(self, fn: Callable, static_argnames: tuple[str, ...]):
         functools.update_wrapper(self, fn)
-        self._jit = jax.jit(fn, static_argnames=static_argnames)
+        self._fn = fn
+        self._jit_made: Optional[Callable] = None  # made at the first call (its options need the device)
         self._names = list(inspect.signature(fn).parameters)
         self._static = frozenset(static_argnames)
         self._programs: dict = {}
         self._lock = threading.Lock()
+        self._jit_lock = threading.Lock()
+
+    @property
+    def _jit(self):
+        """``jax.jit`` of the function, with the XLA options of its name (:func:`_options`)."""
+        if self._jit_made is None:
+            with self._jit_lock:
+                if self._jit_made is None:
+                    self._jit_made = jax.jit(self._fn, static_argnames=tuple(self._static),
+                                             compiler_options=_options(self.__name__))
+        return self._jit_made
 
     def __call__(self, *args, **kwargs):
         folder = store_folder()
@@ -303,7 +323,8 @@ class StoredJit:
 
     def _cache_size(self) -> int:
         """Programs made or read in this process (as ``jax.jit``'s ``_cache_size``)."""
-        return self._jit._cache_size() + sum(p is not _PLAIN for p in self._programs.values())
+        plain = self._jit_made._cache_size() if self._jit_made is not None else 0
+        return plain + sum(p is not _PLAIN for p in self._programs.values())
 
 
 def stored_jit(*, static_argnames: tuple[str, ...] = ()) -> Callable[[Callable], StoredJit]:

@@ -13,6 +13,7 @@ notebooks), it only checks and applies what can still change.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -28,6 +29,43 @@ _INSTALL_HINT = {
     "gpu": "it needs an NVIDIA GPU and pip install 'whisperjax-cli[cuda12]'; or use --device cpu",
     "tpu": "it needs a TPU VM and pip install 'whisperjax-cli[tpu]'; or use --device cpu",
 }
+
+
+# Programs that decode several rows a step (beams, batched windows, best-of samples).
+MULTI_ROW_PROGRAMS = frozenset({"decode_window", "beam_search_window"})
+# XLA's option that picks which operations YNNPACK runs; empty: none (XLA's own kernels and Eigen).
+YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``); empty where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def program_options(name: str, platform: str) -> dict:
+    """XLA options to compile the program ``name`` with on ``platform`` and this CPU.
+
+    On an x86 CPU with AVX2 but no AVX-512 (AMD Zen 2/3, older Xeons), the decode programs
+    are compiled without YNNPACK: its kernel for a product of a few rows (5 beams, 8 windows)
+    reads the weights in column strips, each load a matrix row from the last, and ran at
+    5-8 GB/s where XLA's own kernels and Eigen reach 9-14 (AMD EPYC Zen 3, base, four A/B
+    rounds: a beam-5 step 48-64 ms -> 41-53, an 8-row step 78-92 -> 52-66; a single row
+    the same). The encoder keeps it (without it, one run: base 1306 ms a window against
+    1070, tiny.en 515 against 553), and so does every program on a CPU with AVX-512, where
+    the same change was measured mixed (issue #24's notes).
+    """
+    flags = cpu_flags()
+    if platform == "cpu" and name in MULTI_ROW_PROGRAMS and "avx2" in flags and "avx512f" not in flags:
+        return {YNN_FUSIONS: ""}
+    return {}
 
 
 def compile_cache_dir() -> Path:
