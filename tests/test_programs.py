@@ -203,3 +203,10 @@ def test_decode_programs_compile_without_ynnpack_on_a_cpu_without_avx512(store, 
 
     for name, ynn in (("encode", True), ("decode_window", expect_ynn)):
         assert ["__ynn_fusion" in text for text in texts(name)] == [ynn] * 3, name
+    # Inside another trace (shard_map over several devices, an enclosing jit) JAX takes no
+    # compiler options: the program is traced into the caller's as before, with or without a folder.
+    inner = lambda x, w: few_rows_product(x, w)  # noqa: E731
+    inner.__name__ = "decode_window"
+    for folder in (store, None):
+        monkeypatch.setattr(programs, "store_folder", lambda folder=folder: folder)
+        np.testing.assert_array_equal(jax.jit(programs.StoredJit(inner, ()))(x, w), x @ w)

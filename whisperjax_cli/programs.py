@@ -265,6 +265,7 @@ class StoredJit:
         functools.update_wrapper(self, fn)
         self._fn = fn
         self._jit_made: Optional[Callable] = None  # made at the first call (its options need the device)
+        self._nested = jax.jit(fn, static_argnames=static_argnames)  # inside a trace: no options
         self._names = list(inspect.signature(fn).parameters)
         self._static = frozenset(static_argnames)
         self._programs: dict = {}
@@ -281,21 +282,28 @@ class StoredJit:
                                              compiler_options=_options(self.__name__))
         return self._jit_made
 
+    def _plain(self, *args, **kwargs):
+        """Plain ``jax.jit``: with the program's XLA options at top level, without them inside
+        another trace (``shard_map``, an enclosing jit), where JAX takes no compiler options."""
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((args, kwargs))):
+            return self._nested(*args, **kwargs)
+        return self._jit(*args, **kwargs)
+
     def __call__(self, *args, **kwargs):
         folder = store_folder()
         if folder is None:
-            return self._jit(*args, **kwargs)
+            return self._plain(*args, **kwargs)
         statics = {self._names[i]: a for i, a in enumerate(args) if self._names[i] in self._static}
         statics.update((k, v) for k, v in kwargs.items() if k in self._static)
         dyn_args = tuple(a for i, a in enumerate(args) if self._names[i] not in self._static)
         dyn_kwargs = {k: v for k, v in kwargs.items() if k not in self._static}
         leaves, treedef = jax.tree_util.tree_flatten((dyn_args, dyn_kwargs))
         if not _on_default_device(leaves):
-            return self._jit(*args, **kwargs)
+            return self._plain(*args, **kwargs)
         try:
             key = (treedef, tuple(_aval(leaf) for leaf in leaves), tuple(sorted(statics.items())))
         except TypeError:  # a Python scalar or other non-array argument
-            return self._jit(*args, **kwargs)
+            return self._plain(*args, **kwargs)
         program = self._programs.get(key)
         if program is None:
             with self._lock:
@@ -303,7 +311,7 @@ class StoredJit:
                 if program is None:
                     program = self._programs[key] = self._load(folder, key, args, kwargs)
         if program is _PLAIN:
-            return self._jit(*args, **kwargs)
+            return self._plain(*args, **kwargs)
         return program(*dyn_args, **dyn_kwargs)
 
     def _load(self, folder: Path, key, args, kwargs):
@@ -323,7 +331,7 @@ class StoredJit:
 
     def _cache_size(self) -> int:
         """Programs made or read in this process (as ``jax.jit``'s ``_cache_size``)."""
-        plain = self._jit_made._cache_size() if self._jit_made is not None else 0
+        plain = self._nested._cache_size() + (self._jit_made._cache_size() if self._jit_made is not None else 0)
         return plain + sum(p is not _PLAIN for p in self._programs.values())
 
 
