@@ -187,6 +187,10 @@ def test_decode_programs_compile_without_ynnpack_on_a_cpu_without_avx512(store, 
     monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
     assert runtime.program_options("beam_search_window", "cpu") == ({} if expect_ynn else {runtime.YNN_FUSIONS: ""})
     assert runtime.program_options("encode", "cpu") == {}
+    # The policy names the decode programs by function name: a rename must not drop them silently.
+    from whisperjax_cli import beam, decoding
+
+    assert {decoding.decode_window.__name__, beam.beam_search_window.__name__} == runtime.MULTI_ROW_PROGRAMS
     assert runtime.program_options("decode_window", "gpu") == {}
     x, w = np.ones((5, 512), np.float32), np.ones((512, 1024), np.float32)
 

@@ -31,7 +31,8 @@ _INSTALL_HINT = {
 }
 
 
-# Programs that decode several rows a step (beams, batched windows, best-of samples).
+# The decode programs (by function name): a step of several rows (beams, batched windows,
+# best-of samples), or of one in sequential greedy mode, which measured the same either way.
 MULTI_ROW_PROGRAMS = frozenset({"decode_window", "beam_search_window"})
 # XLA's option that picks which operations YNNPACK runs; empty: none (XLA's own kernels and Eigen).
 YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type"
@@ -53,7 +54,7 @@ def cpu_flags() -> frozenset:
 def program_options(name: str, platform: str) -> dict:
     """XLA options to compile the program ``name`` with on ``platform`` and this CPU.
 
-    On an x86 CPU with AVX2 but no AVX-512 (AMD Zen 2/3, older Xeons), the decode programs
+    On an x86 CPU with AVX2 but no AVX-512 (measured on an AMD EPYC Zen 3), the decode programs
     are compiled without YNNPACK: its kernel for a product of a few rows (5 beams, 8 windows)
     reads the weights in column strips, each load a matrix row from the last, and ran at
     5-8 GB/s where XLA's own kernels and Eigen reach 9-14 (AMD EPYC Zen 3, base, four A/B
