@@ -65,12 +65,17 @@ def test_read_ahead_orders_its_streams_first_and_an_unused_failure_is_dropped():
         ahead.take([(id(a), 0, 1)])
 
 
+AVX512 = frozenset({"avx2", "avx512f"})  # a CPU where every program keeps YNNPACK, so programs may overlap
+
+
 def test_batched_mode_reads_ahead_across_files_and_decodes_the_same(tiny_en, monkeypatch):
     """Many short files, two rows a step: every step after the first finds its windows made
     (files are opened two batches ahead), and the text is what it is without read-ahead."""
+    from whisperjax_cli import runtime
     from whisperjax_cli.longform import Transcriber
     from whisperjax_cli.options import TranscribeOptions
 
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: AVX512)
     taken = []
     take = ReadAhead.take
 
@@ -92,10 +97,60 @@ def test_batched_mode_reads_ahead_across_files_and_decodes_the_same(tiny_en, mon
     assert [i for i, _ in texts[True]] == list(range(7))
 
 
-def test_sequential_and_conditioned_batched_modes_do_not_read_ahead(tiny_en):
+def test_read_ahead_only_in_batched_mode_without_previous_text_and_where_programs_may_overlap(tiny_en, monkeypatch):
+    from whisperjax_cli import runtime
     from whisperjax_cli.longform import Transcriber
     from whisperjax_cli.options import TranscribeOptions
 
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: AVX512)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
     assert Transcriber(tiny_en, TranscribeOptions())._ahead is None
     assert Transcriber(tiny_en, TranscribeOptions(mode="batched", condition_on_previous_text=True))._ahead is None
     assert Transcriber(tiny_en, TranscribeOptions(mode="batched"))._ahead is not None
+    # Decode programs without YNNPACK (AVX2 without AVX-512, or XLA_FLAGS) must run alone.
+    monkeypatch.setenv("XLA_FLAGS", f"--{runtime.YNN_FUSIONS}=")
+    assert Transcriber(tiny_en, TranscribeOptions(mode="batched"))._ahead is None
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert Transcriber(tiny_en, TranscribeOptions(mode="batched"))._ahead is None
+
+
+def test_a_decode_gives_the_same_tokens_while_an_encode_runs_beside_it_where_programs_may_overlap(
+        tiny_en, monkeypatch):
+    """What read-ahead relies on. With the decode programs compiled without YNNPACK this failed
+    on an AMD EPYC Zen 3 (every row of 5 changed), hence runtime.programs_may_overlap."""
+    from whisperjax_cli import runtime
+    from whisperjax_cli.audio import load_audio
+    from whisperjax_cli.features import N_FRAMES, LogMelWindows, model_window
+    from whisperjax_cli.window_decoder import LazyKey, WindowDecoder, build_prompt
+    from whisperjax_cli.options import TranscribeOptions
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: AVX512)
+    assert runtime.programs_may_overlap("cpu")
+    speech = np.concatenate([load_audio(p) for p in CLIPS if "russian" not in p.name])  # 32 s of English
+    rows = 5  # a batch bucket of 8, where the failure showed (2 or 4 rows never did)
+    mel = LogMelWindows(np.concatenate([speech, speech]), tiny_en.n_mels)
+    mels = np.stack([model_window(mel, i * 600, N_FRAMES) for i in range(rows)])
+    decoder = WindowDecoder(tiny_en, TranscribeOptions(mode="batched"))
+    audio = decoder.encode(mels)
+    prompt, tail = build_prompt(tiny_en.tokenizer, tuple(tiny_en.tokenizer.sot_sequence), [], False, 448)
+
+    def decode():  # end of text held to 28 s: every row decodes its whole window
+        results = decoder.decode(audio, rows, [prompt] * rows, tail, LazyKey(), [1400] * rows)
+        return [list(r.tokens) for r in results]
+
+    alone = decode()
+    stop = threading.Event()
+
+    def encode_meanwhile():
+        while not stop.is_set():
+            jax.block_until_ready(decoder.encode(mels[::-1]))
+
+    worker = threading.Thread(target=encode_meanwhile)
+    worker.start()
+    try:
+        beside = decode()
+    finally:
+        stop.set()
+        worker.join()
+    assert beside == alone and min(len(t) for t in alone) > 40

@@ -38,6 +38,7 @@ from whisperjax_cli.readahead import ReadAhead, next_windows
 from whisperjax_cli.packing import (Timeline, WindowCuts, chunk_timeline, frame_energy, group_windows, quiet_frames,
                                    speech_spans, vad_windows)
 from whisperjax_cli.results import Segment, Transcript
+from whisperjax_cli.runtime import default_device, programs_may_overlap
 from whisperjax_cli.seams import Piece, crosses_break, cut_window
 from whisperjax_cli.streams import HOLD_MARGIN, FileEvent, FileState, Stream, parse_clip_timestamps
 from whisperjax_cli.language import detect_language_mel
@@ -99,8 +100,10 @@ class Transcriber:
         self._hold = self.mode == "batched"  # see _hold_index
         self._runs: list[dict] = []  # each running feed's open files, key -> FileState (read by cancel)
         # Batched mode without the previous text knows every window before decoding any: the
-        # next step's windows are encoded on a thread while a step decodes (see readahead.py).
-        self._ahead = ReadAhead(self.decoder.encode) if self.mode == "batched" and not self.condition else None
+        # next step's windows are encoded on a thread while a step decodes (see readahead.py),
+        # where two programs may run at once (runtime.programs_may_overlap).
+        ahead = self.mode == "batched" and not self.condition and programs_may_overlap(default_device().platform)
+        self._ahead = ReadAhead(self.decoder.encode) if ahead else None
         self._cancelled: set = set()  # keys cancel() was given, handled at the run's next turn
 
     def cancel(self, key) -> bool:

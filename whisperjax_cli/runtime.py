@@ -69,6 +69,22 @@ def program_options(name: str, platform: str) -> dict:
     return {}
 
 
+def programs_may_overlap(platform: str) -> bool:
+    """Whether two compiled programs may run at the same time (batched mode encodes the next
+    windows on a thread while a step decodes: :mod:`~whisperjax_cli.readahead`).
+
+    Not where the decode programs run without YNNPACK (:func:`program_options`, or ``XLA_FLAGS``
+    turning it off): there XLA's own kernels gave wrong tokens when an encode ran beside them
+    (jax 0.10.2, AMD EPYC Zen 3, 2 cores: tiny.en and base, a batch of 5 or 8 windows; every
+    row left its alone-run tokens within 50-110; 2 or 4 rows, one core, or YNNPACK's kernels:
+    identical). On the long-form benchmark that was 10 looping windows in 27 instead of 1, and
+    base's WER 19.7 % instead of 17.4.
+    """
+    if YNN_FUSIONS in os.environ.get("XLA_FLAGS", ""):
+        return False
+    return not any(program_options(name, platform) for name in MULTI_ROW_PROGRAMS)
+
+
 def compile_cache_dir() -> Path:
     """Where compiled XLA programs are kept: ``<wjx cache dir>/jax``."""
     from whisperjax_cli.hub import cache_dir
