@@ -273,7 +273,9 @@ def whole_process(args, wav: Path, reference: Optional[str], duration: float) ->
         return json.loads(out.stdout.strip().splitlines()[-1]), time.perf_counter() - t0, None
 
     def run_wjx(name, profile: bool):
-        flags = wjx_rows[name][0] + (["--temperature", "0"] if args.no_fallback else [])
+        # "--temperature 0" alone is the ladder from 0 (OpenAI's CLI), as faster-whisper's temperature=0 is not.
+        flags = wjx_rows[name][0] + (["--temperature", "0", "--temperature-increment-on-fallback", "0"]
+                                     if args.no_fallback else [])
         report = OUT / f"profile-{name}.json"
         cmd = [sys.executable, "-m", "whisperjax_cli", "transcribe", str(wav), "-o", "-", "-q", "-m", args.model,
                "--threads", str(args.threads), *flags, *(["--profile", str(report)] if profile else [])]
@@ -405,9 +407,11 @@ def main() -> int:
     }
     if batched_dtype == "float32":
         del rows["wjx-batched-f32"]  # the same as wjx-batched on a CPU without bfloat16 dot instructions
-    if args.no_fallback:
-        for settings in [*fw_settings.values(), *(kwargs for _, _, kwargs in rows.values())]:
+    if args.no_fallback:  # wjx's temperature=0 alone is OpenAI's ladder from 0; faster-whisper's is 0 alone
+        for settings in fw_settings.values():
             settings["temperature"] = 0.0
+        for _, _, kwargs in rows.values():
+            kwargs.update(temperature=0.0, temperature_increment_on_fallback=0)
     rows = {} if args.memory_only else {k: v for k, v in rows.items() if k not in args.skip}
     for settings in fw_settings.values() if rows else ():
         list(fw.transcribe(audio[: 60 * SR], **settings)[0])  # warm-up on the first minute
