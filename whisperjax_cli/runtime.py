@@ -115,6 +115,26 @@ def limit_threads(threads: int) -> None:
             os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
 
 
+def keep_freed_memory() -> None:
+    """Asks glibc's allocator to keep freed memory for reuse rather than give it back at once.
+
+    XLA's CPU buffers are plain ``malloc`` blocks; those above glibc's mmap threshold (at most
+    32 MiB: an 8-window encoder activation is ~100) are mapped and unmapped at every call, and
+    each page is faulted in again (base, batched, 12 min of speech: 7.0 M minor faults, 28 s of
+    system time on 2 cores; with this 2.6 M and 9 s). Peak memory is unchanged: what is freed is
+    what the next call allocates. A no-op off glibc.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    mallopt(m_mmap_max, 0)  # large blocks come from the heap, whose freed space is reused
+    mallopt(m_trim_threshold, 2**31 - 1)  # and kept unless 2 GiB lie free at its top
+
+
 def enable_compile_cache(path: Path) -> None:
     """Persists every compiled program under ``path`` so the next process skips compiling.
 
