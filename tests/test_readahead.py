@@ -125,8 +125,13 @@ def test_a_decode_gives_the_same_tokens_while_an_encode_runs_beside_it_where_pro
     from whisperjax_cli.window_decoder import LazyKey, WindowDecoder, build_prompt
     from whisperjax_cli.options import TranscribeOptions
 
+    from whisperjax_cli.decoding import decode_window
+
     monkeypatch.setattr(runtime, "cpu_flags", lambda: AVX512)
     assert runtime.programs_may_overlap("cpu")
+    # Programs made earlier in this process have the real CPU's options: made again here.
+    monkeypatch.setattr(decode_window, "_jit_made", None)
+    monkeypatch.setattr(decode_window, "_programs", {})
     speech = np.concatenate([load_audio(p) for p in CLIPS if "russian" not in p.name])  # 32 s of English
     rows = 5  # a batch bucket of 8, where the failure showed (2 or 4 rows never did)
     mel = LogMelWindows(np.concatenate([speech, speech]), tiny_en.n_mels)
