@@ -75,9 +75,9 @@ def programs_may_overlap(platform: str) -> bool:
 
     Not where the decode programs run without YNNPACK (:func:`program_options`, or ``XLA_FLAGS``
     turning it off): there XLA's own kernels gave wrong tokens when an encode ran beside them
-    (jax 0.10.2, AMD EPYC Zen 3, 2 cores: tiny.en and base, a batch of 5 or 8 windows; every
-    row left its alone-run tokens within 50-110; 2 or 4 rows, one core, or YNNPACK's kernels:
-    identical). On the long-form benchmark that was 10 looping windows in 27 instead of 1, and
+    (jax 0.10.2, AMD EPYC Zen 3, 2 cores: tiny.en and base, a batch of 5 or 8 windows; 45-110
+    tokens of every row differed from its tokens alone; 1, 2 or 4 rows, one core, or YNNPACK's
+    kernels: identical). On the long-form benchmark that was 10 looping windows in 27 instead of 1, and
     base's WER 19.7 % instead of 17.4.
     """
     if YNN_FUSIONS in os.environ.get("XLA_FLAGS", ""):
@@ -120,9 +120,10 @@ def keep_freed_memory() -> None:
 
     XLA's CPU buffers are plain ``malloc`` blocks; those above glibc's mmap threshold (at most
     32 MiB: an 8-window encoder activation is ~100) are mapped and unmapped at every call, and
-    each page is faulted in again (base, batched, 12 min of speech: 7.0 M minor faults, 28 s of
-    system time on 2 cores; with this 2.6 M and 9 s). Peak memory is unchanged: what is freed is
-    what the next call allocates. A no-op off glibc.
+    each page is faulted in again (base, batched, 12 min of speech: 4.6-7.0 M minor faults and
+    18-28 s of system time on 2 cores; with this 1.2-2.6 M and 5-9 s, peak RSS +2 %). On two short
+    clips it saved nothing and peak RSS rose 5-15 % (1.09-1.12 -> 1.17-1.25 GB): freed blocks are
+    kept, not always the size the next call needs. A no-op off glibc.
     """
     import ctypes
 
