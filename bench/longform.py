@@ -68,6 +68,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -187,6 +188,22 @@ def pass_faster_whisper(fw, audio, seed, **kwargs) -> tuple[str, float]:
     return text, time.perf_counter() - t0
 
 
+def _synthesis(hours: float) -> str:
+    """Python lines that build ``audio``: an ``hours``-long input, the benchmark speech at its
+    start and at its end, between them dither far below -80 dBFS (real, resident pages that the
+    silence gate skips without decoding, unlike zeros that the kernel never maps). Built in
+    place: temporaries of the whole input would set the peak before transcription starts."""
+    return f"""
+speech = sf.read({str(OUT / 'longform.wav')!r}, dtype='float32')[0]
+n = int({hours} * 3600 * 16000)
+audio = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
+audio *= 1e-5
+np.clip(audio, -9e-5, 9e-5, out=audio)
+audio[: len(speech)] = speech
+audio[n - len(speech):] = speech
+"""
+
+
 def memory_run(model: str, hours: float, mode: str) -> dict:
     """Transcribes an ``hours``-long input in a fresh process; returns its peak RSS."""
     code = f"""
@@ -200,16 +217,7 @@ def peak_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 from whisperjax_cli.loading import load_model
 from whisperjax_cli.longform import transcribe_files
-speech = sf.read({str(OUT / 'longform.wav')!r}, dtype='float32')[0]
-n = int({hours} * 3600 * 16000)
-# The speech at the start and at the end; between them dither far below -80 dBFS (real, resident
-# pages that the silence gate skips without decoding, unlike zeros that the kernel never maps).
-# Built in place: temporaries of the whole input would set the peak before transcription starts.
-audio = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
-audio *= 1e-5
-np.clip(audio, -9e-5, 9e-5, out=audio)
-audio[: len(speech)] = speech
-audio[n - len(speech):] = speech
+{_synthesis(hours)}
 m = load_model({model!r})
 base = peak_mb()
 t0 = time.perf_counter(); segments = 0
@@ -220,6 +228,39 @@ print(json.dumps(dict(audio_mb=audio.nbytes / 2**20, rss_before_mb=base, peak_rs
 """
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def memory_run_cli(model: str, hours: float, mode: str) -> dict:
+    """``--memory-cli``: the same input written to a float WAV file, then ``wjx transcribe``
+    of it as a user runs it (its own allocator settings, reading the file itself); the peak is
+    the process's VmHWM, read every 50 ms until it exits (the last read is within 50 ms of the
+    end, and the peak is reached while windows are decoded, not at exit)."""
+    wav = OUT / f"memory-{hours:g}h.wav"
+    if not wav.exists():
+        code = f"import numpy as np, soundfile as sf\n{_synthesis(hours)}\n" \
+               f"sf.write({str(wav) + '.part'!r}, audio, 16000, subtype='FLOAT', format='WAV')"
+        subprocess.run([sys.executable, "-c", code], check=True)
+        (OUT / f"memory-{hours:g}h.wav.part").rename(wav)
+    outdir = Path(tempfile.mkdtemp(prefix="wjx-memory-"))
+    cmd = [sys.executable, "-m", "whisperjax_cli", "transcribe", str(wav), "-o", str(outdir), "-f", "json", "-q",
+           "-m", model, "--mode", mode]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0.0
+    while proc.poll() is None:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            peak = max(peak, next(int(l.split()[1]) for l in status.splitlines() if l.startswith("VmHWM:")) / 1024)
+        except (OSError, StopIteration):
+            pass
+        time.sleep(0.05)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr.read()}")
+    result = json.loads(next(outdir.glob("*.json")).read_text())
+    shutil.rmtree(outdir, ignore_errors=True)
+    return dict(audio_mb=wav.stat().st_size / 2**20, rss_before_mb=float("nan"), peak_rss_mb=peak,
+                seconds=seconds, segments=len(result["segments"]))
 
 
 # faster-whisper as its users run it: one process per file, the same model folder, float32.
@@ -351,6 +392,8 @@ def main() -> int:
                         help="input lengths for the peak-RSS runs, e.g. 1 2 (the growth between them is reported)")
     parser.add_argument("--memory-mode", default="sequential")
     parser.add_argument("--memory-only", action="store_true", help="skip the WER/RTFx rows")
+    parser.add_argument("--memory-cli", action="store_true",
+                        help="measure the memory of 'wjx transcribe' processes given a WAV file, not in-process calls")
     parser.add_argument("--whole-process", action="store_true",
                         help="time fresh processes (wjx transcribe, a faster-whisper script) spawn to exit")
     parser.add_argument("--profile", action="store_true",
@@ -463,15 +506,17 @@ def main() -> int:
               f"{r['rtfx'] / base['rtfx']:.2f}x, WER delta {r['wer'] - base['wer']:+.2f} "
               f"(90 % bootstrap interval [{lo:+.2f}, {hi:+.2f}]), medians {r['median_wer']:.2f} vs "
               f"{base['median_wer']:.2f}")
-    (OUT / f"longform{suffix}.json").write_text(json.dumps(results, indent=1))
+    if results:  # --memory-only leaves the last run's rows in place
+        (OUT / f"longform{suffix}.json").write_text(json.dumps(results, indent=1))
     runs = []
     for hours in args.memory_hours:
-        mem = memory_run(args.model, hours, args.memory_mode)
+        mem = (memory_run_cli if args.memory_cli else memory_run)(args.model, hours, args.memory_mode)
         runs.append((hours, mem))
+        before = (f" (model + audio before transcribing: {mem['rss_before_mb']:.0f} MB; transcription adds "
+                  f"{mem['peak_rss_mb'] - mem['rss_before_mb']:.0f} MB)") if not args.memory_cli else " (wjx transcribe FILE)"
         print(f"memory: {hours:g} h input ({mem['audio_mb']:.0f} MB of 16 kHz audio), {args.memory_mode}: "
-              f"peak RSS {mem['peak_rss_mb']:.0f} MB (model + audio before transcribing: {mem['rss_before_mb']:.0f} MB; "
-              f"transcription adds {mem['peak_rss_mb'] - mem['rss_before_mb']:.0f} MB), "
-              f"{mem['seconds']:.0f} s, {mem['segments']} segments", flush=True)
+              f"peak RSS {mem['peak_rss_mb']:.0f} MB{before}, {mem['seconds']:.0f} s, {mem['segments']} segments",
+              flush=True)
     if len(runs) > 1:
         (h0, m0), (h1, m1) = runs[0], runs[-1]
         print(f"memory: from {h0:g} h to {h1:g} h the peak grows {m1['peak_rss_mb'] - m0['peak_rss_mb']:.0f} MB "
