@@ -302,6 +302,9 @@ def whole_process(args, wav: Path, reference: Optional[str], duration: float) ->
         "wjx-beam5": (["--beam-size", "5"], ["fw-beam5"]),
         "wjx-batched": (batched, ["fw-greedy", "fw-batched-greedy", "fw-batched"]),
         "wjx-batched-beam5": (batched + ["--beam-size", "5"], ["fw-batched"]),
+        # faster-whisper's batched pipeline decodes without timestamps by default (segments are
+        # its VAD chunks); this row does the same, wjx's default row writes timestamps.
+        "wjx-batched-nots": (batched + ["--no-timestamps"], ["fw-batched-greedy"]),
     }
     wjx_rows = {k: v for k, v in wjx_rows.items() if k not in args.skip}
 
