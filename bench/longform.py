@@ -68,7 +68,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -237,30 +236,30 @@ def memory_run_cli(model: str, hours: float, mode: str) -> dict:
     end, and the peak is reached while windows are decoded, not at exit)."""
     wav = OUT / f"memory-{hours:g}h.wav"
     if not wav.exists():
+        part = wav.with_name(wav.name + ".part")
         code = f"import numpy as np, soundfile as sf\n{_synthesis(hours)}\n" \
-               f"sf.write({str(wav) + '.part'!r}, audio, 16000, subtype='FLOAT', format='WAV')"
+               f"sf.write({str(part)!r}, audio, 16000, subtype='FLOAT', format='WAV')"
         subprocess.run([sys.executable, "-c", code], check=True)
-        (OUT / f"memory-{hours:g}h.wav.part").rename(wav)
-    outdir = Path(tempfile.mkdtemp(prefix="wjx-memory-"))
-    cmd = [sys.executable, "-m", "whisperjax_cli", "transcribe", str(wav), "-o", str(outdir), "-f", "json", "-q",
-           "-m", model, "--mode", mode]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = 0.0
-    while proc.poll() is None:
-        try:
-            status = Path(f"/proc/{proc.pid}/status").read_text()
-            peak = max(peak, next(int(l.split()[1]) for l in status.splitlines() if l.startswith("VmHWM:")) / 1024)
-        except (OSError, StopIteration):
-            pass
-        time.sleep(0.05)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr.read()}")
-    result = json.loads(next(outdir.glob("*.json")).read_text())
-    shutil.rmtree(outdir, ignore_errors=True)
-    return dict(audio_mb=wav.stat().st_size / 2**20, rss_before_mb=float("nan"), peak_rss_mb=peak,
-                seconds=seconds, segments=len(result["segments"]))
+        part.rename(wav)
+    with tempfile.TemporaryDirectory(prefix="wjx-memory-") as tmp, tempfile.TemporaryFile("w+") as log:
+        cmd = [sys.executable, "-m", "whisperjax_cli", "transcribe", str(wav), "-o", tmp, "-f", "json", "-q",
+               "-m", model, "--mode", mode]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)  # a file: a pipe could fill and stall it
+        peak = 0.0
+        while proc.poll() is None:
+            try:
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+                peak = max(peak, next(int(l.split()[1]) for l in status.splitlines() if l.startswith("VmHWM:")) / 1024)
+            except (OSError, StopIteration):
+                pass
+            time.sleep(0.05)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            log.seek(0)
+            sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{log.read()}")
+        segments = len(json.loads(next(Path(tmp).glob("*.json")).read_text())["segments"])
+    return dict(audio_mb=wav.stat().st_size / 2**20, peak_rss_mb=peak, seconds=seconds, segments=segments)
 
 
 # faster-whisper as its users run it: one process per file, the same model folder, float32.
@@ -516,7 +515,7 @@ def main() -> int:
         mem = (memory_run_cli if args.memory_cli else memory_run)(args.model, hours, args.memory_mode)
         runs.append((hours, mem))
         before = (f" (model + audio before transcribing: {mem['rss_before_mb']:.0f} MB; transcription adds "
-                  f"{mem['peak_rss_mb'] - mem['rss_before_mb']:.0f} MB)") if not args.memory_cli else " (wjx transcribe FILE)"
+                  f"{mem['peak_rss_mb'] - mem['rss_before_mb']:.0f} MB)") if "rss_before_mb" in mem else " (wjx transcribe FILE)"
         print(f"memory: {hours:g} h input ({mem['audio_mb']:.0f} MB of 16 kHz audio), {args.memory_mode}: "
               f"peak RSS {mem['peak_rss_mb']:.0f} MB{before}, {mem['seconds']:.0f} s, {mem['segments']} segments",
               flush=True)

@@ -183,19 +183,29 @@ print(faults[-1])
 """
 
 
-def test_a_wjx_process_reuses_freed_memory_instead_of_faulting_it_in_again():
+def test_a_wjx_process_reuses_freed_memory_instead_of_faulting_it_in_again(monkeypatch):
     """A large block freed and allocated again (each encoder call's buffers) is faulted in
-    page by page every time under glibc's defaults; ``wjx`` keeps it (runtime.keep_freed_memory)."""
+    page by page every time under glibc's defaults; ``wjx`` keeps it (runtime.keep_freed_memory),
+    set before the command runs."""
     import subprocess
     import sys
+
+    from whisperjax_cli import cli as cli_module
+    from whisperjax_cli import runtime
 
     faults = {how: int(subprocess.run([sys.executable, "-c", KEEP_FREED, how], capture_output=True, text=True,
                                       check=True).stdout) for how in ("default", "keep")}
     assert faults["default"] > 20_000  # 100 MB of 4 KiB pages, every time
     assert faults["keep"] < 2_000
-    from pathlib import Path
 
-    from whisperjax_cli import cli as cli_module
+    calls = []
 
-    main = Path(cli_module.__file__).read_text()
-    assert main.index("keep_freed_memory()") < main.index("cli.main(prog_name")  # before any work
+    def leave(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append("keep"))
+    monkeypatch.setattr(cli_module.cli, "main", lambda **kwargs: calls.append("command") or 0)
+    monkeypatch.setattr(cli_module.os, "_exit", leave)
+    with pytest.raises(SystemExit):
+        cli_module.main()
+    assert calls == ["keep", "command"]
