@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,10 +56,34 @@ def test_dims_round_trip_hf_config_and_hashable():
     assert hash(dims) == hash(ModelDimensions.from_hf_config(dims.to_hf_config()))
 
 
+class Jitted:
+    """A module whose ``apply`` runs jitted: one compile per method, Python arguments and shapes,
+    where eager calls compile every operation of the model on its own (~30 s of this file's
+    tests on 2 cores)."""
+
+    def __init__(self, module):
+        self.module = module
+        self._programs = {}
+
+    def apply(self, variables, *args, method=None):
+        arrays = [i for i, a in enumerate(args) if not isinstance(a, (int, float, str))]  # arrays and pytrees
+        others = tuple((i, a) for i, a in enumerate(args) if i not in arrays)
+        key = (method, others, tuple(arrays))
+        if key not in self._programs:
+            def run(variables, *xs):
+                full = dict(others) | dict(zip(arrays, xs))
+                return self.module.apply(variables, *(full[i] for i in range(len(args))), method=method)
+
+            self._programs[key] = jax.jit(run)
+        return self._programs[key](variables, *(args[i] for i in arrays))
+
+
+@functools.lru_cache(maxsize=1)
 def _tiny_random():
     dims = ModelDimensions(8, 10, 16, 2, 1, 40, 12, 16, 2, 2)
-    model = Whisper(dims)
-    params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 20, 8)), jnp.zeros((1, 1), jnp.int32))["params"]
+    model = Jitted(Whisper(dims))
+    init = jax.jit(Whisper(dims).init)
+    params = init(jax.random.PRNGKey(1), jnp.zeros((1, 20, 8)), jnp.zeros((1, 1), jnp.int32))["params"]
     mel = jax.random.normal(jax.random.PRNGKey(2), (2, 20, 8))
     return dims, model, params, mel
 
@@ -77,6 +103,35 @@ def test_cached_step_by_step_equals_teacher_forcing():
     # The buffers were written at slots 0..4 and nowhere else.
     k = np.asarray(cache.self_k[0])
     assert np.abs(k[:, :5]).sum() > 0 and np.all(k[:, 5:] == 0)
+
+
+def test_few_rows_product_equals_the_matrix_product_and_a_decode_step_uses_it(monkeypatch):
+    """The streamed product of a few rows equals XLA's (float32 sums in another order); a model
+    with ``stream_rows`` projects a step of 2-``stream_rows`` rows with it, and one row or more
+    rows with XLA's product, with the same logits either way."""
+    from whisperjax_cli import model as model_module
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((384, 1000)).astype(np.float32)
+    for rows in (2, 5, 8):
+        x = rng.standard_normal((rows, 384)).astype(np.float32)
+        np.testing.assert_allclose(model_module.few_rows_product(x, w), x.astype(np.float64) @ w, rtol=1e-4,
+                                   atol=1e-4)
+    dims, model, params, mel = _tiny_random()
+    streamed = Jitted(Whisper(dims, stream_rows=4))
+    calls = []
+    product = model_module.few_rows_product
+    monkeypatch.setattr(model_module, "few_rows_product", lambda x, w: calls.append(x.shape) or product(x, w))
+    audio = model.apply({"params": params}, mel, method=Whisper.encode)
+    cross = model.apply({"params": params}, audio, method=Whisper.cross_kv)
+    for tokens in (jnp.array([[1], [5]]), jnp.array([[1, 5, 7]] * 2), jnp.array([[1]])):
+        rows = tokens.size
+        cache = init_cache(dims, jax.tree_util.tree_map(lambda c: c[: tokens.shape[0]], cross), 8)
+        plain, _ = model.apply({"params": params}, tokens, cache, jnp.int32(0), method=Whisper.decode)
+        calls.clear()
+        ours, _ = streamed.apply({"params": params}, tokens, cache, jnp.int32(0), method=Whisper.decode)
+        assert calls == ([(rows, dims.n_text_state)] if 2 <= rows <= 4 else []), rows
+        np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_left_padding_is_invisible():
@@ -123,10 +178,10 @@ def test_take_slots_moves_the_blocks_of_its_span_and_keeps_the_rest():
 
 def test_bfloat16_compute_keeps_float32_logits():
     dims, _, params, mel = _tiny_random()
-    model = Whisper(dims, jnp.bfloat16)
+    model = Jitted(Whisper(dims, jnp.bfloat16))
     bf16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
     logits = model.apply({"params": bf16}, mel, jnp.array([[1, 2], [3, 4]]))
-    ref = Whisper(dims).apply({"params": params}, mel, jnp.array([[1, 2], [3, 4]]))
+    ref = Jitted(Whisper(dims)).apply({"params": params}, mel, jnp.array([[1, 2], [3, 4]]))
     assert logits.dtype == jnp.float32
     np.testing.assert_allclose(logits, ref, atol=0.15)
 

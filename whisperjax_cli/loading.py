@@ -99,12 +99,13 @@ class WhisperSpec:
     dims: ModelDimensions
     dtype: Any
     matmul_dtype: Any = None
+    stream_rows: int = 0  # see whisperjax_cli.runtime.stream_rows
 
     @functools.cached_property
     def network(self):
         from whisperjax_cli.model import Whisper
 
-        return Whisper(self.dims, self.dtype, self.matmul_dtype)
+        return Whisper(self.dims, self.dtype, self.matmul_dtype, self.stream_rows)
 
     def apply(self, variables, *args, **kwargs):
         """``Whisper(...).apply``; name the method as a string (``method="decode"``)."""
@@ -125,10 +126,11 @@ class WhisperModel:
     alignment_heads: Optional[np.ndarray]
     config: dict
     matmul_dtype: Any = None  # see whisperjax_cli.model.mixed_matmul
+    stream_rows: int = 0  # see whisperjax_cli.runtime.stream_rows
 
     @property
     def module(self) -> "WhisperSpec":
-        return WhisperSpec(self.dims, self.dtype, self.matmul_dtype)
+        return WhisperSpec(self.dims, self.dtype, self.matmul_dtype, self.stream_rows)
 
     @property
     def is_multilingual(self) -> bool:
@@ -297,6 +299,7 @@ def load_model(name_or_path: str = "tiny.en", dtype: Any = None, pending: Option
     import jax
     import jax.numpy as jnp
 
+    from whisperjax_cli.runtime import default_device, stream_rows
     from whisperjax_cli.tokenizer import load_tokenizer
 
     mixed = str(dtype) == MIXED
@@ -321,4 +324,5 @@ def load_model(name_or_path: str = "tiny.en", dtype: Any = None, pending: Option
         alignment_heads=None if heads is None else np.asarray(heads, np.int32),
         config=files.config,
         matmul_dtype=jnp.bfloat16 if mixed else None,
+        stream_rows=stream_rows(default_device().platform),
     )

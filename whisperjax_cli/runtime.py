@@ -69,6 +69,20 @@ def program_options(name: str, platform: str) -> dict:
     return {}
 
 
+STREAM_ROWS = 8  # see stream_rows
+
+
+def stream_rows(platform: str) -> int:
+    """Up to how many rows a decode step projects onto the vocabulary with
+    :func:`~whisperjax_cli.model.few_rows_product` rather than XLA's product (0: never).
+
+    Where the decode programs run on XLA's own kernels (:func:`program_options`: an x86 CPU
+    with AVX2 but no AVX-512), those read the vocabulary's weights ~4x over for 2-8 rows.
+    Elsewhere (YNNPACK's kernels, GPUs, TPUs) the product is left to XLA: not measured there.
+    """
+    return STREAM_ROWS if any(program_options(name, platform) for name in MULTI_ROW_PROGRAMS) else 0
+
+
 def programs_may_overlap(platform: str) -> bool:
     """Whether two compiled programs may run at the same time (batched mode encodes the next
     windows on a thread while a step decodes: :mod:`~whisperjax_cli.readahead`).
