@@ -112,9 +112,9 @@ def test_few_rows_product_equals_the_matrix_product_and_a_decode_step_uses_it(mo
     from whisperjax_cli import model as model_module
 
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((384, 1000)).astype(np.float32)
-    for rows in (2, 5, 8):
-        x = rng.standard_normal((rows, 384)).astype(np.float32)
+    for rows, width in ((2, 384), (5, 384), (8, 384), (5, 387)):  # 387: a remainder after the steps of 8
+        w = rng.standard_normal((width, 1000)).astype(np.float32)
+        x = rng.standard_normal((rows, width)).astype(np.float32)
         np.testing.assert_allclose(model_module.few_rows_product(x, w), x.astype(np.float64) @ w, rtol=1e-4,
                                    atol=1e-4)
     dims, model, params, mel = _tiny_random()

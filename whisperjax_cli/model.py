@@ -36,7 +36,7 @@ def mixed_matmul(lhs: Array, rhs: Array, dimension_numbers, matmul_dtype) -> Arr
                                preferred_element_type=jnp.float32)
 
 
-STREAM_STEP = 8  # rows of the weights a step of few_rows_product reads (divides every model's width)
+STREAM_STEP = 8  # rows of the weights a step of few_rows_product reads (divides every official width)
 
 
 def few_rows_product(x: Array, w: Array, step: int = STREAM_STEP) -> Array:
@@ -51,13 +51,17 @@ def few_rows_product(x: Array, w: Array, step: int = STREAM_STEP) -> Array:
     layers' smaller weights (1-4 MB) it is at every row count, so only that projection uses it.
     """
     rows, k = x.shape
+    whole = k - k % step
 
     def body(i, acc):
         part = jax.lax.dynamic_slice_in_dim(w, i * step, step, 0).astype(jnp.float32)  # [step, n]
         xs = jax.lax.dynamic_slice_in_dim(x, i * step, step, 1).astype(jnp.float32)  # [rows, step]
         return acc + jnp.sum(xs[:, :, None] * part[None], axis=1)
 
-    return jax.lax.fori_loop(0, k // step, body, jnp.zeros((rows, w.shape[1]), jnp.float32))
+    acc = jax.lax.fori_loop(0, whole // step, body, jnp.zeros((rows, w.shape[1]), jnp.float32))
+    if whole < k:  # a width that is not a multiple of step (no official model's)
+        acc = acc + x[:, whole:].astype(jnp.float32) @ w[whole:].astype(jnp.float32)
+    return acc
 
 
 def _keep_kernel(inputs, kernel, bias, dtype=None):
