@@ -204,8 +204,55 @@ def test_a_wjx_process_reuses_freed_memory_instead_of_faulting_it_in_again(monke
         raise SystemExit(code)
 
     monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append("keep"))
+    monkeypatch.setattr(runtime, "quiet_start", lambda: calls.append("quiet"))
     monkeypatch.setattr(cli_module.cli, "main", lambda **kwargs: calls.append("command") or 0)
     monkeypatch.setattr(cli_module.os, "_exit", leave)
     with pytest.raises(SystemExit):
         cli_module.main()
-    assert calls == ["keep", "command"]
+    assert calls == ["keep", "quiet", "command"]
+
+
+QUIET_START = """
+import gc, json, os, sys
+from whisperjax_cli.runtime import quiet_start, start_up_done
+quiet_start()
+seen = {"blas": os.environ.get("OPENBLAS_NUM_THREADS"), "paused": not gc.isenabled()}
+start_up_done()
+seen.update(resumed=gc.isenabled(), frozen=gc.get_freeze_count())
+print(json.dumps(seen))
+"""
+
+
+def test_a_wjx_command_starts_with_one_blas_thread_and_the_collector_paused_until_the_model_is_loaded():
+    """runtime.quiet_start (run by ``main`` before numpy is imported): OpenBLAS on one thread
+    unless the user chose, the cyclic collector off; start_up_done freezes what start-up made
+    and turns it back on. load_for_cli ends the pause, whether loading worked or not."""
+    import gc
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from whisperjax_cli.cli_common import load_for_cli
+    from whisperjax_cli.errors import ModelError
+
+    def run(**env):
+        base = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+        return json.loads(subprocess.run([sys.executable, "-c", QUIET_START], capture_output=True, text=True,
+                                         check=True, env={**base, **env}).stdout)
+
+    seen = run()
+    assert seen["blas"] == "1" and seen["paused"] and seen["resumed"] and seen["frozen"] > 0
+    assert run(OPENBLAS_NUM_THREADS="4")["blas"] == "4"
+
+    def broken(model, dtype=None):
+        raise ValueError("no weights")
+
+    gc.disable()
+    try:
+        with pytest.raises(ModelError):
+            load_for_cli("tiny.en", None, None, None, True, loader=broken)
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()
+        gc.enable()

@@ -87,9 +87,10 @@ def main() -> None:
     and stderr: the interpreter's teardown of JAX's objects takes about 0.4 s and has nothing
     left to save (outputs are written with fsync and renamed; compiled programs are cached as made).
     """
-    from whisperjax_cli.runtime import keep_freed_memory
+    from whisperjax_cli.runtime import keep_freed_memory, quiet_start
 
     keep_freed_memory()  # a wjx process's own allocator setting, never a library import's
+    quiet_start()
     try:
         code = cli.main(prog_name="wjx", standalone_mode=False)
     except click.exceptions.UsageError as err:

@@ -174,3 +174,5 @@ def load_for_cli(model: str, device, dtype, threads, no_compile_cache, loader: O
         raise
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise ModelError(model, f"cannot load: {describe(err)}") from None
+    finally:
+        runtime.start_up_done()

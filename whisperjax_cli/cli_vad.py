@@ -93,6 +93,7 @@ def run_vad(inputs: tuple[str, ...], fmt: str, options, batch_size: int = 16,
         runtime.configure(compile_cache=not runtime.compile_cache_disabled())
         programs.prefetch("vad")
     params = load_weights()
+    runtime.start_up_done()
     if fmt == "tsv":
         out.write("file\tstart\tend\n")
     failed = bool(errors)
