@@ -10,7 +10,8 @@ Each run times three fresh processes on the same 3 s clip, wall clock from spawn
 
 Both sides decode alike: float32 on CPU, greedy (beam 1) at temperature 0 with the default
 fallback, timestamps on. The bar: warm wall time at most 1.3x faster-whisper's, judged on the
-medians (the minimum is shown too, but one lucky run says little). The three kinds of run
+medians (the minimum is shown too, but one lucky run says little); each row's median CPU time
+(user and system, all threads) is printed too. The three kinds of run
 alternate, so other work on the machine weighs on them alike; the load average is printed
 with the CPU time other processes took meanwhile (Linux), and a warning is given when they
 were busy: overlapped start-up work needs an idle core.
@@ -52,13 +53,17 @@ def cut_clip(source: Path, seconds: float, target: Path) -> Path:
     return target
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, str]:
+def timed(cmd: list[str], env: dict) -> tuple[float, float, str]:
+    """``(wall seconds, CPU seconds, stdout)`` of one run of ``cmd``: the CPU time (user and
+    system, all threads) says what the run cost the machine, which on 2 busy cores decides its
+    wall time and moves less than it from run to run."""
+    cpu0 = own_seconds()  # this process waits meanwhile: the difference is the run's
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr}")
-    return elapsed, proc.stdout.strip()
+    return elapsed, own_seconds() - cpu0, proc.stdout.strip()
 
 
 def busy_seconds() -> float | None:
@@ -104,13 +109,15 @@ def main() -> int:
         load_before = os.getloadavg()
         busy_before, own_before, start = busy_seconds(), own_seconds(), time.perf_counter()
         times: dict[str, list[float]] = {"wjx cold": [], "wjx warm": [], "faster-whisper": []}
+        cpu: dict[str, list[float]] = {label: [] for label in times}
         texts: dict[str, str] = {}
         for run in range(args.runs):
             cache = work / f"cache{run}"
             run_env = {**env, "WJX_CACHE_DIR": str(cache)}
             for label, cmd, e in (("wjx cold", wjx, run_env), ("wjx warm", wjx, run_env), ("faster-whisper", fw, env)):
-                elapsed, texts[label] = timed(cmd, e)
+                elapsed, seconds, texts[label] = timed(cmd, e)
                 times[label].append(elapsed)
+                cpu[label].append(seconds)
             shutil.rmtree(cache, ignore_errors=True)
         load_after = os.getloadavg()
         busy_after, own_after, elapsed = busy_seconds(), own_seconds(), time.perf_counter() - start
@@ -127,9 +134,10 @@ def main() -> int:
     if busy_before is not None and busy_after is not None:
         others = max(0.0, (busy_after - busy_before) - (own_after - own_before)) / elapsed
         print(f"other processes meanwhile: {others:.2f} of a core on average")
-    print(f"{'':16} {'min s':>7} {'median s':>9}  text")
+    print(f"{'':16} {'min s':>7} {'median s':>9} {'median CPU s':>13}  text")
     for label, values in times.items():
-        print(f"{label:16} {min(values):7.2f} {statistics.median(values):9.2f}  {texts[label]!r}")
+        print(f"{label:16} {min(values):7.2f} {statistics.median(values):9.2f} {statistics.median(cpu[label]):13.2f}"
+              f"  {texts[label]!r}")
     ratio = min(times["wjx warm"]) / min(times["faster-whisper"])
     median_ratio = statistics.median(times["wjx warm"]) / statistics.median(times["faster-whisper"])
     print(f"warm / faster-whisper: {median_ratio:.2f}x (median), {ratio:.2f}x (min); bar 1.3x (issue #24) on the median: "
