@@ -214,9 +214,11 @@ def test_a_wjx_process_reuses_freed_memory_instead_of_faulting_it_in_again(monke
 
 QUIET_START = """
 import gc, json, os, sys
+import whisperjax_cli.cli  # what the wjx entry point imports before main() runs
+numpy_first = "numpy" in sys.modules  # OpenBLAS reads its thread count once, when NumPy loads it
 from whisperjax_cli.runtime import quiet_start, start_up_done
 quiet_start()
-seen = {"blas": os.environ.get("OPENBLAS_NUM_THREADS"), "paused": not gc.isenabled()}
+seen = {"blas": os.environ.get("OPENBLAS_NUM_THREADS"), "paused": not gc.isenabled(), "numpy_first": numpy_first}
 start_up_done()
 seen.update(resumed=gc.isenabled(), frozen=gc.get_freeze_count())
 print(json.dumps(seen))
@@ -224,7 +226,7 @@ print(json.dumps(seen))
 
 
 def test_a_wjx_command_starts_with_one_blas_thread_and_the_collector_paused_until_the_model_is_loaded():
-    """runtime.quiet_start (run by ``main`` before numpy is imported): OpenBLAS on one thread
+    """runtime.quiet_start (run by ``main``, before anything has imported NumPy): OpenBLAS on one thread
     unless the user chose, the cyclic collector off; start_up_done freezes what start-up made
     and turns it back on. load_for_cli ends the pause, whether loading worked or not."""
     import gc
@@ -243,6 +245,7 @@ def test_a_wjx_command_starts_with_one_blas_thread_and_the_collector_paused_unti
 
     seen = run()
     assert seen["blas"] == "1" and seen["paused"] and seen["resumed"] and seen["frozen"] > 0
+    assert not seen["numpy_first"]  # else the variable comes too late
     assert run(OPENBLAS_NUM_THREADS="4")["blas"] == "4"
 
     def broken(model, dtype=None):
