@@ -154,13 +154,13 @@ def keep_freed_memory() -> None:
 def quiet_start() -> None:
     """Process settings of a wjx command's start-up, made before numpy is imported.
 
-    * NumPy's OpenBLAS runs on one thread (unless ``OPENBLAS_NUM_THREADS`` is set): its only
-      product here is the mel filterbank's (1.7 ms a window on one thread), and after a call
-      its idle threads spin-wait: 5 % of a warm 3 s clip's CPU samples (~0.19 s, ``perf``, AMD
-      EPYC Zen 3, 2 cores), taken from the encoder.
+    * NumPy's OpenBLAS runs on one thread (unless ``OPENBLAS_NUM_THREADS`` is set): NumPy's
+      products here are small (the mel filterbank's: 1.7 ms a window on one thread; language
+      and label averages), and after a call its idle threads spin-wait: 5 % of a warm 3 s
+      clip's CPU samples (~0.19 s, ``perf``, AMD EPYC Zen 3, 2 cores), beside XLA's threads.
     * Python's cyclic garbage collector is paused until :func:`start_up_done`: importing JAX
       leaves ~96,000 tracked objects, which each full collection walked again (3 % of the
-      same run's samples, ~0.12 s, mostly on the main thread during imports).
+      same run's samples, ~0.12 s).
 
     The CLI's own choice (like :func:`keep_freed_memory`), never a library import's.
     """
