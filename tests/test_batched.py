@@ -151,17 +151,28 @@ def test_a_looping_window_keeps_its_closed_segments_and_is_decoded_again_in_halv
     quiet[1300:1320] = True  # a gap in the middle of what is left
     cuts = WindowCuts(quiet, np.where(quiet, -8.0, -2.0))
     transcriber = Transcriber(tiny_en, TranscribeOptions(mode="batched"))
-    f = FileState(0, None, None, 2500, "en", None, (), [], None, 2500, cuts)
-    stream = Stream(0, [(0, 2500)], [], packed=True)
+    stream, after = Stream(0, [(0, 2500)], [], packed=True), Stream(0, [(2500, 3000)], [], packed=True)
+    f = FileState(0, None, None, 3000, "en", None, (), [stream, after], None, 3000, cuts)
     hello = tok.encode(" Hello there.")
     transcriber._advance(f, stream, 2500, looping(ts(0), *hello, ts(1.5), ts(2.0)))
     assert [(s.start, s.end, s.text) for s in stream.segments] == [(0.0, 1.5, " Hello there.")]
-    assert stream.seek == 200 and stream.clips == [(0, 200), (200, 1310), (1310, 2500)] and not stream.done
+    # The second half is a stream of its own, next in time order: both are decoded in one step.
+    half = f.streams[1]
+    assert f.streams == [stream, half, after] and half.packed and half.seek == 1310
+    assert stream.seek == 200 and stream.clips == [(0, 200), (200, 1310)] and half.clips == [(1310, 2500)]
+    assert not stream.done and not half.done
     # A half that loops too keeps what came before its loop, and is not split again.
+    transcriber._advance(f, half, 1190, looping(ts(0), *tok.encode(" Then")))
+    assert half.segments[-1].text == " Then" and half.segments[-1].end == 25.0 and half.done
     transcriber._advance(f, stream, 1110, looping(ts(0), *tok.encode(" Bye."), ts(1.0), ts(1.0)))
-    assert stream.segments[-1].text == " Bye." and stream.seek == 1310
-    transcriber._advance(f, stream, 1190, looping(ts(0), *tok.encode(" Then")))
-    assert stream.segments[-1].text == " Then" and stream.segments[-1].end == 25.0 and stream.done
+    assert stream.segments[-1].text == " Bye." and stream.seek == 1310 and stream.done
+    assert f.streams == [stream, half, after]
+    # Conditioned on previous text, the second half's prompt is the first's text: one stream.
+    conditioned = Transcriber(tiny_en, TranscribeOptions(mode="batched", condition_on_previous_text=True))
+    stream = Stream(0, [(0, 2500)], [], packed=True)
+    f = FileState(0, None, None, 2500, "en", None, (), [stream], None, 2500, cuts)
+    conditioned._advance(f, stream, 2500, looping(ts(0), *hello, ts(1.5), ts(2.0)))
+    assert f.streams == [stream] and stream.clips == [(0, 200), (200, 1310), (1310, 2500)]
 
 
 def test_a_packed_window_whose_text_stops_early_is_decoded_on_from_its_last_segment(tiny_en):

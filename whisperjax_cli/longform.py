@@ -433,14 +433,24 @@ class Transcriber:
     def _split(self, f: FileState, s: Stream) -> None:
         """The rest of a window that looped, as two windows cut at a gap near its middle: tiny.en
         loops on some 20-30 s windows from their first token ("NnNnNn...") and reads either
-        half of the same audio right. The halves are not split again."""
+        half of the same audio right. The halves are not split again.
+
+        Without conditioning on previous text (the batched default: every window its own
+        stream), the second half is a stream of its own, placed after the first, so both are
+        decoded in the same step: a run whose last window looped ended in two steps of one row
+        each, the second half waiting for the first."""
         start, end = s.seek, s.clip_end
         if start >= end:
             return
         mid = f.cuts.middle(start, end) if end - start >= 2 * SPLIT_MIN else end
         halves = [(start, mid), (mid, end)] if mid < end else [(start, end)]
-        s.clips[s.clip_index : s.clip_index + 1] = [(s.clips[s.clip_index][0], start), *halves]
+        apart = len(halves) == 2 and not self.condition
+        s.clips[s.clip_index : s.clip_index + 1] = [(s.clips[s.clip_index][0], start), *halves[: 1 if apart else 2]]
         s.split.update(halves)
+        if apart:
+            rest = Stream(s.file, [halves[1]], list(self.initial_tokens), packed=True, split={halves[1]})
+            place = next((i + 1 for i, other in enumerate(f.streams) if other is s), len(f.streams))
+            f.streams.insert(place, rest)
 
     # ------------------------------------------------------------ the scheduler
 
