@@ -2,7 +2,9 @@
 
 Both sides get the same 16 kHz arrays (decoded once by wjx's loader), float32, beam 1,
 temperature 0, without timestamps. Reports the first call (compile included for wjx) and the
-steady state (best of ``--repeats`` passes over all clips), and checks that tokens agree.
+steady state (best of ``--repeats`` passes over all clips), and checks that tokens agree; for a
+clip whose tokens differ, where they first do and how near a tie CTranslate2's own logits were
+there (faster-whisper's decode of it again, untimed, with ``return_logits_vocab``).
 
     python bench/greedy.py --models tiny.en base --threads 2
 """
@@ -62,7 +64,57 @@ def main() -> int:
                 reference = tokens
             same = sum(a == b for a, b in zip(tokens, reference))
             print(f"{name:8} {label:14} {first:12.2f} {steady:9.2f} {seconds / steady:7.1f} {same:>6}/{len(clips)}")
+        for clip, audio, mine, other in zip(clips, audios, tokens, reference):
+            if mine != other:  # untimed: how near a tie CTranslate2's own logits were where the tokens part
+                print("   ", near_tie(fw, audio, mine, other, opts, Path(clip).name))
     return 0
+
+
+class _Recording:
+    """faster-whisper's CTranslate2 model, its ``generate`` calls also returning the logits of
+    each step (``return_logits_vocab``), kept in ``results``: faster-whisper's own options."""
+
+    def __init__(self, model):
+        self._model, self.results = model, []
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def generate(self, *args, **kwargs):
+        out = self._model.generate(*args, return_logits_vocab=True, **kwargs)
+        self.results.extend(out)
+        return out
+
+
+def near_tie(fw, audio, mine: list[int], other: list[int], opts: dict, name: str) -> str:
+    """Where wjx's tokens first differ from faster-whisper's, and how far apart CTranslate2's
+    logits put the two choices at that step (a clip is one window: one ``generate`` call)."""
+    import numpy as np
+
+    step = next((i for i, (a, b) in enumerate(zip(mine, other)) if a != b), min(len(mine), len(other)))
+    note = f"{name}: first differs at token {step + 1} of {len(other)}"
+    recording = _Recording(fw.model)
+    fw.model = recording
+    try:
+        list(fw.transcribe(audio, beam_size=1, condition_on_previous_text=False, **opts)[0])
+    finally:
+        fw.model = recording._model
+    if step >= min(len(mine), len(other)):
+        from whisperjax_cli.decoding import loop_start
+
+        longer = other if len(other) > len(mine) else mine
+        start = loop_start(np.asarray(longer), max(longer) + 1)  # without timestamps: none to count alike
+        who, short = ("faster-whisper", "wjx") if longer is other else ("wjx", "faster-whisper")
+        return (note + f": {short}'s {min(len(mine), len(other))} tokens are the start of {who}'s {len(longer)}, "
+                + (f"which repeat themselves from token {start + 1} on (wjx ends a row once it loops: stop_loops)"
+                   if start < len(longer) else "which do not repeat themselves"))
+    if not recording.results:
+        return note
+    values = np.asarray(recording.results[0].logits[0][step], np.float64)
+    ranked = np.sort(values)[::-1]
+    return (note + f" (wjx {mine[step]}, faster-whisper {other[step]}); CTranslate2's logits there: "
+            f"{values[other[step]]:.4f} against wjx's choice {values[mine[step]]:.4f}, its best two "
+            f"{ranked[0] - ranked[1]:.1e} apart, its best ten {ranked[0] - ranked[9]:.2f}")
 
 
 def _timed(fn) -> float:
