@@ -92,7 +92,6 @@ def near_tie(fw, audio, mine: list[int], other: list[int], opts: dict, name: str
     import numpy as np
 
     step = next((i for i, (a, b) in enumerate(zip(mine, other)) if a != b), min(len(mine), len(other)))
-    note = f"{name}: first differs at token {step + 1} of {len(other)}"
     recording = _Recording(fw.model)
     fw.model = recording
     try:
@@ -105,16 +104,14 @@ def near_tie(fw, audio, mine: list[int], other: list[int], opts: dict, name: str
         longer = other if len(other) > len(mine) else mine
         start = loop_start(np.asarray(longer), max(longer) + 1)  # without timestamps: none to count alike
         who, short = ("faster-whisper", "wjx") if longer is other else ("wjx", "faster-whisper")
-        return (note + f": {short}'s {min(len(mine), len(other))} tokens are the start of {who}'s {len(longer)}, "
+        return (f"{name}: first differs at token {step + 1} of {len(other)}: {short}'s {min(len(mine), len(other))} tokens are the start of {who}'s {len(longer)}, "
                 + (f"which repeat themselves from token {start + 1} on (wjx ends a row once it loops: stop_loops)"
                    if start < len(longer) else "which do not repeat themselves"))
-    if not recording.results:
-        return note
-    values = np.asarray(recording.results[0].logits[0][step], np.float64)
-    ranked = np.sort(values)[::-1]
-    return (note + f" (wjx {mine[step]}, faster-whisper {other[step]}); CTranslate2's logits there: "
-            f"{values[other[step]]:.4f} against wjx's choice {values[mine[step]]:.4f}, its best two "
-            f"{ranked[0] - ranked[1]:.1e} apart, its best ten {ranked[0] - ranked[9]:.2f}")
+    sys.path.insert(0, str(ROOT / "bench"))
+    from sizes import differences  # the same report for bench/sizes.py's rows
+
+    logits = [recording.results[0].logits] if recording.results else None
+    return f"{name}: " + differences([mine], [other], logits)[0]
 
 
 def _timed(fn) -> float:

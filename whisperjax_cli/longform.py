@@ -445,8 +445,9 @@ class Transcriber:
         mid = f.cuts.middle(start, end) if end - start >= 2 * SPLIT_MIN else end
         halves = [(start, mid), (mid, end)] if mid < end else [(start, end)]
         apart = len(halves) == 2 and not self.condition
-        s.clips[s.clip_index : s.clip_index + 1] = [(s.clips[s.clip_index][0], start), *halves[: 1 if apart else 2]]
-        s.split.update(halves)
+        kept = halves[:1] if apart else halves
+        s.clips[s.clip_index : s.clip_index + 1] = [(s.clips[s.clip_index][0], start), *kept]
+        s.split.update(kept)
         if apart:
             rest = Stream(s.file, [halves[1]], list(self.initial_tokens), packed=True, split={halves[1]})
             place = next((i + 1 for i, other in enumerate(f.streams) if other is s), len(f.streams))
