@@ -352,3 +352,43 @@ def test_compression_ratio_is_of_the_stripped_text_as_openai_and_faster_whisper(
     r = decoder._result(np.asarray(ids), -1.0, 0.1, 0.0)
     assert r.text == " the quick brown fox"
     assert r.compression_ratio == compression_ratio("the quick brown fox") != compression_ratio(r.text)
+
+
+def test_a_beam_result_that_ends_in_a_loop_is_looped_though_it_finished(tiny_en, monkeypatch):
+    """Beam search stops an audio once its best running beam loops; a sequence that finished
+    before then can end in that loop (" HTTP, W-W-W-...-W" then end-of-text on the benchmark's
+    first window) and then won the ranking unflagged, under the compression threshold, kept
+    where greedy decoding falls back. Now it is looped (so fallen back from) as greedy's rows
+    are, and a beam result without a loop at its end is left as it was."""
+    from whisperjax_cli import window_decoder
+    from whisperjax_cli.decoding import DecodeOutput
+    from whisperjax_cli.options import TranscribeOptions
+
+    tok = tiny_en.tokenizer
+    # the last 48 tokens repeat every 2; compression ratio 1.6
+    loop = tok.encode(" Licensed under the Apache License, Version 2.0, January 2004, as published at HTTP, W")
+    loop += tok.encode("-W") * 25
+    plain = tok.encode(" the quick brown fox jumps over the lazy dog, and the dog, the fox and the lazy cat")
+    chosen = {}
+
+    def program(module, params, inputs, config):
+        rows = np.full((1, 224), tok.eot, np.int32)
+        rows[0, : len(chosen["tokens"])] = chosen["tokens"]
+        return DecodeOutput(rows, np.float32([-5.0]), np.float32([0.1]), np.zeros(1, bool), None)
+
+    monkeypatch.setattr(window_decoder, "beam_search_window", program)
+    monkeypatch.setattr(window_decoder, "decode_window", program)
+    audio = jnp.zeros((1, 1500, tiny_en.dims.n_audio_state), jnp.float32)
+    results = {}
+    for beam in (5, None):
+        decoder = window_decoder.WindowDecoder(tiny_en, TranscribeOptions(beam_size=beam))
+        for name, tokens in (("loop", loop), ("plain", plain)):
+            chosen["tokens"] = tokens
+            (r,), _ = decoder._decode_rows(audio, [0], [[1]], 1, 0.0, window_decoder.LazyKey(jax.random.PRNGKey(0)))
+            assert r.tokens == tokens and r.compression_ratio < 2.4
+            results[beam, name] = r.looped
+    # greedy rows are judged inside the program (its looped flag, False here)
+    assert results == {(5, "loop"): True, (5, "plain"): False, (None, "loop"): False, (None, "plain"): False}
+    decoder = window_decoder.WindowDecoder(tiny_en, TranscribeOptions(beam_size=5, stop_loops=False))
+    chosen["tokens"] = loop  # with loops left to run, OpenAI's rules alone
+    assert not decoder._decode_rows(audio, [0], [[1]], 1, 0.0, window_decoder.LazyKey(jax.random.PRNGKey(0)))[0][0].looped

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from whisperjax_cli.beam import beam_search_window
-from whisperjax_cli.decoding import LOOP_SPAN, BeamConfig, DecodeInputs, LoopConfig, decode_window, encode
+from whisperjax_cli.decoding import LOOP_SPAN, BeamConfig, DecodeInputs, LoopConfig, decode_window, encode, loop_start
 from whisperjax_cli.options import TranscribeOptions
 from whisperjax_cli.parallel import placement_of
 from whisperjax_cli.profile import Timings, maybe
@@ -294,6 +294,8 @@ class WindowDecoder:
         looped = np.zeros(len(sums), bool) if looped is None else looped  # beam search: never stopped
         results = [self._result(tokens[j], sums[j], no_speech[j], temperature, bool(looped[j]))
                    for j in range(len(rows) * repeat)]
+        if config.beam is not None and config.loop_span:
+            results = [self._ends_looping(r) for r in results]
         return [self._best(results[k * repeat : (k + 1) * repeat]) for k in range(len(rows))], out.cross
 
     def _result(self, tokens: np.ndarray, sum_logprob: float, no_speech: float, temperature: float,
@@ -304,6 +306,18 @@ class WindowDecoder:
         # The compression ratio of the stripped text, as OpenAI's and faster-whisper's.
         return DecodingResult(ids, text, float(sum_logprob), float(sum_logprob) / (len(ids) + 1),
                               float(no_speech), temperature, compression_ratio(text.strip()), looped)
+
+    def _ends_looping(self, r: DecodingResult) -> DecodingResult:
+        """A beam's sequence that ended in a loop is looped, whether it finished or was running.
+
+        Beam search stops an audio once its best running beam loops (``beam.beam_loop``); a
+        sequence that finished before then may end in the same loop (" HTTP, W-W-W-...-W" then
+        end-of-text: 64 tokens, compression ratio 2.0). OpenAI's search, run on to 224 tokens,
+        most often ranks the loop first, fails the compression check and falls back; kept, the
+        loop's text is the window's. Greedy rows are judged so already (``decoding.loops``)."""
+        if r.looped or loop_start(np.asarray(r.tokens), self.tokenizer.timestamp_begin) == len(r.tokens):
+            return r
+        return dataclasses.replace(r, looped=True)
 
     def _best(self, candidates: list[DecodingResult]) -> DecodingResult:
         """OpenAI's MaximumLikelihoodRanker: sum logprob over a length penalty."""
