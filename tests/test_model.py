@@ -134,23 +134,24 @@ def test_few_rows_product_equals_the_matrix_product_and_a_decode_step_uses_it(mo
         np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_few_queries_scores_equal_the_product_and_a_beam_group_step_uses_them(monkeypatch):
-    """The streamed cross-attention scores equal XLA's product (float32 sums in another order);
-    a model with ``stream_rows`` computes a decode step's scores with them when several rows
-    share each audio (beams, samples), not for one row per audio, with the same logits."""
+def test_a_beam_group_step_streams_its_cross_attention_scores(monkeypatch):
+    """few_rows_product batched over leading axes equals XLA's product (float32 sums in another
+    order); a model with ``stream_rows`` computes a decode step's cross-attention scores with it
+    when several rows share each audio (beams, samples), not for one row per audio, with the
+    same logits either way."""
     from whisperjax_cli import model as model_module
 
     rng = np.random.default_rng(1)
     for queries, width in ((1, 64), (5, 64), (5, 67)):  # 67: a remainder after the steps of 8
         q = rng.standard_normal((2, 3, queries, width)).astype(np.float32)
         k = rng.standard_normal((2, 3, width, 50)).astype(np.float32)
-        np.testing.assert_allclose(model_module.few_queries_scores(q, k), np.einsum("ahtd,ahds->ahts", q, k),
+        np.testing.assert_allclose(model_module.few_rows_product(q, k), np.einsum("ahtd,ahds->ahts", q, k),
                                    rtol=1e-4, atol=1e-4)
     dims, model, params, mel = _tiny_random()
     streamed = Jitted(Whisper(dims, stream_rows=4))
     calls = []
-    scores = model_module.few_queries_scores
-    monkeypatch.setattr(model_module, "few_queries_scores", lambda q, k: calls.append(q.shape) or scores(q, k))
+    product = model_module.few_rows_product
+    monkeypatch.setattr(model_module, "few_rows_product", lambda x, w: calls.append(x.shape) or product(x, w))
     audio = model.apply({"params": params}, mel, method=Whisper.encode)
     cross = model.apply({"params": params}, audio, method=Whisper.cross_kv)  # 2 audios
     for group in (3, 1):
@@ -160,7 +161,8 @@ def test_few_queries_scores_equal_the_product_and_a_beam_group_step_uses_them(mo
         calls.clear()
         ours, _ = streamed.apply({"params": params}, tokens, cache, jnp.int32(0), method=Whisper.decode)
         heads = dims.n_text_head
-        assert calls == ([(2, heads, group, dims.n_text_state // heads)] * dims.n_text_layer if group > 1 else [])
+        scores = [shape for shape in calls if len(shape) == 4]  # the vocabulary projection's are [rows, state]
+        assert scores == ([(2, heads, group, dims.n_text_state // heads)] * dims.n_text_layer if group > 1 else [])
         np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-5)
 
 

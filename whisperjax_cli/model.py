@@ -40,52 +40,33 @@ STREAM_STEP = 8  # rows of the weights a step of few_rows_product reads (divides
 
 
 def few_rows_product(x: Array, w: Array, step: int = STREAM_STEP) -> Array:
-    """``x @ w`` for ``x`` of a few rows ``[rows, k]`` and ``w`` ``[k, n]``, float32, as a running
-    sum over ``step`` rows of ``w`` at a time: the weights stream through once, as in a
-    matrix-vector product.
+    """``x @ w`` for ``x`` of a few rows ``[..., rows, k]`` and ``w`` ``[..., k, n]`` (leading axes
+    batched), float32, as a running sum over ``step`` rows of ``w`` at a time: the weights stream
+    through once, as in a matrix-vector product.
 
     For the vocabulary projection of a decode step of 2-8 rows (5 beams, 8 windows), XLA's own
     CPU kernels (jax 0.10.2, without YNNPACK) took ~4x the time of one row: base (106 MB of
     weights), median of 9 on an AMD EPYC Zen 3: 5 rows 25.6 ms, 8 rows 20.2, one row 5.7; this
     loop 14.5 and 14.6. From 12 rows on XLA's product is faster (22 against 24 ms), and for the
-    layers' smaller weights (1-4 MB) it is at every row count, so only that projection uses it.
+    layers' smaller weights (1-4 MB) it is at every row count.
+
+    And for a beam group's cross-attention scores, its 5 queries per head against the audio keys
+    ``[..., head_dim, n_audio_ctx]``: XLA's batched product read the keys at 2-4 GB/s. tiny.en's
+    4 layers, caches flushed, median of 25, AMD EPYC Zen 3: one audio 3.60 ms against 2.06 with
+    this loop, 4 audios 14.8 against 5.6, 8 audios 21.9 against 8.0; one query per audio 1.06
+    against 1.22 (so not used for it); the values' product was not faster so.
     """
-    rows, k = x.shape
+    k = x.shape[-1]
     whole = k - k % step
 
     def body(i, acc):
-        part = jax.lax.dynamic_slice_in_dim(w, i * step, step, 0).astype(jnp.float32)  # [step, n]
-        xs = jax.lax.dynamic_slice_in_dim(x, i * step, step, 1).astype(jnp.float32)  # [rows, step]
-        return acc + jnp.sum(xs[:, :, None] * part[None], axis=1)
-
-    acc = jax.lax.fori_loop(0, whole // step, body, jnp.zeros((rows, w.shape[1]), jnp.float32))
-    if whole < k:  # a width that is not a multiple of step (no official model's)
-        acc = acc + x[:, whole:].astype(jnp.float32) @ w[whole:].astype(jnp.float32)
-    return acc
-
-
-def few_queries_scores(q: Array, k: Array, step: int = STREAM_STEP) -> Array:
-    """``q @ k`` for a few queries per head, ``q`` ``[..., t, head_dim]`` against the audio keys
-    ``k`` ``[..., head_dim, n_audio_ctx]`` (transposed, as the cache holds them), float32, as a
-    running sum over ``step`` rows of ``k`` at a time (:func:`few_rows_product`'s loop).
-
-    A beam group's 5 queries per head (or best-of's samples) against its audio's keys: XLA's
-    own batched product (without YNNPACK) read the keys at 2-4 GB/s. Cross-attention scores of
-    tiny.en's 4 layers, caches flushed, median of 25, AMD EPYC Zen 3: one audio 3.60 ms against
-    2.06 with this loop, 4 audios 14.8 against 5.6, 8 audios 21.9 against 8.0; one query per
-    audio 1.06 against 1.22 (so not used for it); the values' product was not faster so.
-    """
-    width = q.shape[-1]
-    whole = width - width % step
-
-    def body(i, acc):
-        part = jax.lax.dynamic_slice_in_dim(k, i * step, step, k.ndim - 2)  # [..., step, n_audio_ctx]
-        xs = jax.lax.dynamic_slice_in_dim(q, i * step, step, q.ndim - 1)  # [..., t, step]
+        part = jax.lax.dynamic_slice_in_dim(w, i * step, step, w.ndim - 2).astype(jnp.float32)  # [..., step, n]
+        xs = jax.lax.dynamic_slice_in_dim(x, i * step, step, x.ndim - 1).astype(jnp.float32)  # [..., rows, step]
         return acc + jnp.sum(xs[..., None] * part[..., None, :, :], axis=-2)
 
-    acc = jax.lax.fori_loop(0, whole // step, body, jnp.zeros((*q.shape[:-1], k.shape[-1]), jnp.float32))
-    if whole < width:
-        acc = acc + jnp.einsum("...td,...ds->...ts", q[..., whole:], k[..., whole:, :])
+    acc = jax.lax.fori_loop(0, whole // step, body, jnp.zeros((*x.shape[:-1], w.shape[-1]), jnp.float32))
+    if whole < k:  # a width that is not a multiple of step (no official model's)
+        acc = acc + x[..., whole:].astype(jnp.float32) @ w[..., whole:, :].astype(jnp.float32)
     return acc
 
 
@@ -125,7 +106,7 @@ class Conv(GivenParams, nn.Conv):
 MIXED_MIN_ROWS = 64  # a decoder product of fewer rows (a decode step) stays float32, see dense
 VOCAB_BLOCK = 2048  # vocabulary columns per block of TextDecoder.target_probs
 MIXED_MIN_QUERIES = 8  # and so do its attention products with fewer queries per head
-STREAM_QUERIES = 16  # up to this many queries per head (a beam group's) use few_queries_scores
+STREAM_QUERIES = 16  # up to this many queries per head (a beam group's) use few_rows_product
 
 
 def dense(features: int, dtype, matmul_dtype=None, use_bias: bool = True, min_rows: int = 0) -> Dense:
@@ -229,7 +210,7 @@ class MultiHeadAttention(nn.Module):
     dtype: Any = jnp.float32
     matmul_dtype: Any = None  # see mixed_matmul and dense
     min_rows: int = 0  # products of fewer rows stay float32 (the decoder's: MIXED_MIN_ROWS)
-    stream_queries: bool = False  # a group's cross-attention scores as few_queries_scores
+    stream_queries: bool = False  # a group's cross-attention scores as few_rows_product
 
     def setup(self):
         proj = lambda bias=True: dense(self.n_state, self.dtype, self.matmul_dtype, bias, self.min_rows)  # noqa: E731
@@ -289,7 +270,7 @@ class MultiHeadAttention(nn.Module):
         q = q.reshape(k.shape[0], group, h, t, dh).transpose(0, 2, 1, 3, 4).reshape(k.shape[0], h, group * t, dh)
         dtype = self._product_dtype(q)
         if self.stream_queries and dtype is None and group * t <= STREAM_QUERIES:
-            weights = jax.nn.softmax(few_queries_scores(q, k) * dh ** -0.5, axis=-1).astype(v.dtype)
+            weights = jax.nn.softmax(few_rows_product(q, k) * dh ** -0.5, axis=-1).astype(v.dtype)
             out = merge_heads(_product("...ts,...sd->...td", weights, v).astype(v.dtype))
         else:
             out = attention(q, k, v, None, dtype, keys_transposed=True)  # [audio, group * q_len, state]
@@ -398,7 +379,7 @@ class TextDecoder(GivenParams, nn.Module):
     # at least MIXED_MIN_ROWS rows (the prompt, the audio keys/values; kernels stay float32)
     matmul_dtype: Any = None
     # products of 2 to stream_rows rows onto the vocabulary run as few_rows_product (0: none),
-    # and a beam group's cross-attention scores as few_queries_scores (where not 0)
+    # and so do a beam group's cross-attention scores (where not 0)
     stream_rows: int = 0
 
     def setup(self):
